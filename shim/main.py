@@ -1,0 +1,98 @@
+"""Entry point of every pyshim binary: ``start``, ``delete``, ``-v`` or serve.
+
+Kept to the standard library: this module runs on every container start.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, fields
+
+VERSION = "0.1.0"
+
+
+class UsageError(Exception):
+    pass
+
+
+@dataclass
+class Flags:
+    """The flags containerd passes (Go ``flag`` syntax: ``-name value``, ``-name=value``)."""
+
+    namespace: str = ""
+    id: str = ""
+    address: str = ""
+    publish_binary: str = ""
+    bundle: str = ""
+    socket: str = ""
+    debug_socket: str = ""
+    debug: bool = False
+    v: bool = False
+    info: bool = False
+    action: str = ""
+
+
+_BOOL_FLAGS = {f.name for f in fields(Flags) if f.type in ("bool", bool)}
+_VALUE_FLAGS = {f.name for f in fields(Flags) if f.type in ("str", str)} - {"action"}
+
+
+def parse_flags(argv: list[str]) -> tuple[Flags, list[str]]:
+    """Returns the flags and the names of unknown flags (ignored, so a newer containerd's flags
+    do not break us)."""
+    flags = Flags()
+    unknown: list[str] = []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            break
+        if not arg.startswith("-") or arg == "-":
+            flags.action = arg
+            break
+        name, has_value, value = arg.lstrip("-").partition("=")
+        key = name.replace("-", "_")
+        if key in _BOOL_FLAGS:
+            setattr(flags, key, value.lower() in ("1", "t", "true") if has_value else True)
+        elif key in _VALUE_FLAGS:
+            if not has_value:
+                if not args:
+                    raise UsageError(f"flag needs an argument: -{name}")
+                value = args.pop(0)
+            setattr(flags, key, value)
+        else:
+            unknown.append(name)
+    return flags, unknown
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv if argv is None else argv
+    try:
+        flags, _unknown = parse_flags(argv[1:])
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    binary = os.path.basename(argv[0])
+    if flags.v:
+        print(
+            f"{binary}:\n  Version: {VERSION}\n  Runtime: pyshim (Python {sys.version.split()[0]})"
+        )
+        return 0
+    if flags.action == "start":
+        from shim.manager import start
+
+        return start(flags, binary)
+    if flags.action == "delete":
+        from shim.manager import delete
+
+        return delete(flags, binary)
+    if flags.action:
+        print(f"unknown action {flags.action!r}", file=sys.stderr)
+        return 2
+    from shim.daemon import serve_from_socket_flag
+
+    return serve_from_socket_flag(flags, binary)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The short-lived shim commands containerd runs: ``start`` and ``delete``.
+
+``start`` runs once per container on the hot path: standard library only, no protobuf unless
+options are decoded, and the heavy daemon imports happen after the fork, in the child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+
+from shim.main import Flags
+
+SOCKET_DIR = "/run/containerd/s"  # containerd's default state dir; the reference shims hard-code it
+GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
+MAX_SOCKET_PATH = 106
+
+
+def grouping_id(bundle: str, task_id: str) -> str:
+    """Containers with the same group share one shim (CRI: one shim per pod)."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            annotations = json.load(f).get("annotations") or {}
+    except (OSError, ValueError):
+        return task_id
+    for key in GROUP_ANNOTATIONS:
+        if annotations.get(key):
+            return str(annotations[key])
+    return task_id
+
+
+def socket_path(containerd_address: str, namespace: str, group: str) -> str:
+    digest = hashlib.sha256(os.path.join(containerd_address, namespace, group).encode()).hexdigest()
+    return os.path.join(SOCKET_DIR, digest)
+
+
+def _write_atomically(path: str, content: str) -> None:
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, content.encode())
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def _is_alive(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.1)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def bind_socket(path: str) -> socket.socket | None:
+    """A listening socket at ``path``, or None when a live shim already serves it."""
+    if len(path) > MAX_SOCKET_PATH:
+        raise OSError(errno.ENAMETOOLONG, f"socket path too long: {path}")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    for _ in range(2):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            old_umask = os.umask(0o177)  # the socket is created 0600: only root reaches it
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old_umask)
+            sock.listen(128)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            if _is_alive(path):
+                return None
+            os.unlink(path)  # a dead shim's leftover (SIGKILL leaves the file)
+    raise OSError(errno.EADDRINUSE, f"cannot bind {path}")
+
+
+def _copy_oom_score(child: int) -> None:
+    """The shim is a little more killable than containerd, as the reference shim sets it."""
+    try:
+        with open(f"/proc/{os.getppid()}/oom_score_adj") as f:
+            score = int(f.read().strip())
+        with open(f"/proc/{child}/oom_score_adj", "w") as f:
+            f.write(str(min(score + 1, 1000)))
+    except (OSError, ValueError):
+        pass
+
+
+def start(flags: Flags, binary: str) -> int:
+    bundle = flags.bundle or os.getcwd()
+    if not sys.stdin.isatty():
+        sys.stdin.buffer.read()  # the runtime options; the daemon gets them again with Create
+    path = socket_path(flags.address, flags.namespace, grouping_id(bundle, flags.id))
+    address = "unix://" + path
+    try:
+        sock = bind_socket(path)
+    except OSError as exc:
+        print(f"{binary}: cannot listen on {path}: {exc}", file=sys.stderr)
+        return 1
+    _write_atomically(os.path.join(bundle, "address"), address)
+    if sock is not None:
+        child = _spawn_daemon(flags, binary, sock)
+        sock.close()
+        _write_atomically(os.path.join(bundle, "shim.pid"), str(child))
+        _copy_oom_score(child)
+    sys.stdout.write(address)
+    sys.stdout.flush()
+    return 0
+
+
+def _spawn_daemon(flags: Flags, binary: str, sock: socket.socket) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    # The daemon: a session of its own and none of containerd's pipes, or `start` would seem
+    # to hang until the daemon died (containerd reads our stdout to EOF).
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        from shim.daemon import serve
+
+        code = serve(flags, binary, sock)
+    except BaseException:
+        code = 1
+    os._exit(code)
+
+
+def _remove_dead_socket(bundle: str) -> None:
+    try:
+        with open(os.path.join(bundle, "address")) as f:
+            address = f.read().strip()
+    except OSError:
+        return
+    path = address.removeprefix("unix://")
+    if path.startswith(SOCKET_DIR + "/") and not _is_alive(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def delete(flags: Flags, binary: str) -> int:
+    """Clean up after a dead shim. Prints only the DeleteResponse; safe to run twice."""
+    from shim.runtimes.registry import find_runtime, runtime_name_from_binary
+
+    bundle = flags.bundle or os.getcwd()
+    runtime = find_runtime(runtime_name_from_binary(binary))
+    pid = runtime.cleanup(flags.namespace, bundle, flags.id)
+    _remove_dead_socket(bundle)
+
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from shim.api.task.v2.shim_pb2 import DeleteResponse
+
+    exited_at = Timestamp()
+    exited_at.FromNanoseconds(time.time_ns())
+    response = DeleteResponse(pid=pid, exit_status=128 + 9, exited_at=exited_at)
+    sys.stdout.buffer.write(response.SerializeToString())
+    sys.stdout.flush()
+    return 0

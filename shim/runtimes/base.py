@@ -1,0 +1,133 @@
+"""The backend interface: what a runtime must do for the Task service.
+
+The service owns everything containerd sees (state machines, events, stdio, exit ordering); a
+backend only runs processes. An operation a backend cannot do raises ``NotImplementedError``,
+which the ttrpc server answers with ``Unimplemented``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from shim.sys.reaper import Exit, Reaper
+
+
+@dataclass(frozen=True)
+class ShimContext:
+    """What every backend of one shim daemon knows about its surroundings."""
+
+    namespace: str
+    runtime_name: str  # e.g. io.containerd.pyrunc.v1
+    reaper: Reaper
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class ProcessStdio:
+    """The container-side stdio a backend hands to the process it starts."""
+
+    stdin: int | None
+    stdout: int | None
+    stderr: int | None
+    terminal: bool
+
+
+@dataclass
+class Launched:
+    """A process the backend started: its host pid, how its exit is learned, its pty."""
+
+    pid: int
+    exited: asyncio.Future[Exit]
+    console_master: int | None = None
+
+
+@dataclass(frozen=True)
+class ContainerConfig:
+    id: str
+    bundle: str
+    stdio: ProcessStdio
+    options: Any | None  # google.protobuf.Any from CreateTaskRequest / start stdin, or None
+    checkpoint: str = ""
+    parent_checkpoint: str = ""
+
+
+@dataclass(frozen=True)
+class ProcessEntry:
+    pid: int
+    info: Any | None = None  # google.protobuf.Any, e.g. containerd.runc.v1.ProcessDetails
+
+
+@dataclass(frozen=True)
+class CheckpointRequest:
+    path: str
+    options: Any | None  # google.protobuf.Any of the backend's checkpoint options
+    exec_pids: Mapping[int, str] = field(default_factory=dict)
+
+
+class Container(ABC):
+    """One container of a backend, from create to delete."""
+
+    @abstractmethod
+    async def create(self) -> Launched | None:
+        """Create the init process (not yet running user code). None when the start is deferred
+        (restore from a checkpoint): then :meth:`start` launches it."""
+
+    @abstractmethod
+    async def start(self) -> Launched | None:
+        """Let the init run. Returns the process when create deferred it, else None."""
+
+    @abstractmethod
+    async def exec(self, exec_id: str, process: Mapping[str, Any], stdio: ProcessStdio) -> Launched:
+        """Start an additional process (an OCI Process spec) in the container."""
+
+    @abstractmethod
+    async def kill(self, signal: int, all_processes: bool) -> None:
+        """Signal the init (or every process of the container)."""
+
+    @abstractmethod
+    async def delete(self, force: bool = False) -> None:
+        """Remove the container from the runtime; it has no running process."""
+
+    async def pause(self) -> None:
+        raise NotImplementedError("pause")
+
+    async def resume(self) -> None:
+        raise NotImplementedError("resume")
+
+    async def pids(self) -> Sequence[int]:
+        raise NotImplementedError("pids")
+
+    async def update(self, resources: Mapping[str, Any]) -> None:
+        raise NotImplementedError("update")
+
+    async def stats(self) -> Any:
+        """A google.protobuf.Any holding io.containerd.cgroups.v1/v2 Metrics."""
+        raise NotImplementedError("stats")
+
+    async def checkpoint(self, request: CheckpointRequest) -> None:
+        raise NotImplementedError("checkpoint")
+
+    async def on_init_exit(self) -> None:  # noqa: B027 - optional hook
+        """Called once when the init has exited, before its exit is published (e.g. to kill
+        what is left of a container that shares the host's pid namespace)."""
+
+
+class Runtime(ABC):
+    """A backend: makes containers. One instance per shim daemon."""
+
+    def __init__(self, context: ShimContext) -> None:
+        self.context = context
+
+    @abstractmethod
+    def container(self, config: ContainerConfig) -> Container:
+        """A container object for ``config``; nothing runs until ``create``."""
+
+    @classmethod
+    @abstractmethod
+    def cleanup(cls, namespace: str, bundle: str, container_id: str) -> int:
+        """The ``delete`` command: tidy up after a dead shim (safe to run twice). Returns the
+        init pid, or 0 when it is not known."""

@@ -1,0 +1,524 @@
+"""containerd's Task service over any backend.
+
+The service owns what containerd sees: the per-process state machines, stdio, rootfs mounts and
+the order of events. Backends (shim.runtimes) only run processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.any_pb2 import Any as AnyProto
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from shim.api.events import task_pb2 as events
+from shim.api.runc import options_pb2 as runc_options
+from shim.api.task.v2 import shim_pb2 as api
+from shim.api.types import task_pb2 as types
+from shim.io.stdio import ProcessIO
+from shim.runtimes.base import (
+    CheckpointRequest,
+    Container,
+    ContainerConfig,
+    Launched,
+    ProcessStdio,
+    Runtime,
+)
+from shim.sys.mount import MountSpec, mount_rootfs, unmount_all
+from shim.sys.oom import OomWatcher
+from shim.sys.reaper import Exit, Reaper
+from shim.task.events import Publisher
+from shim.task.process import NOT_EXITED_SECONDS, STATUS_CODES, Process, Status, StdioRequest
+from shim.ttrpc.errors import Code, TtrpcError
+from shim.ttrpc.server import CallContext
+
+log = logging.getLogger(__name__)
+
+OUTPUT_DRAIN_TIMEOUT = 2.0  # how long Delete waits for the last output to be copied
+EXIT_PUBLISH_TIMEOUT = 2.0  # how long Delete waits for the exit event to reach containerd
+EXEC_EXIT_GRACE = 10.0  # how long an init's exit waits for its execs' exits to go first
+PROCESS_DETAILS_URL = "containerd.runc.v1.ProcessDetails"
+
+
+def _timestamp(ns: int | None) -> Timestamp:
+    stamp = Timestamp()
+    if ns is None:
+        stamp.seconds = NOT_EXITED_SECONDS
+    else:
+        stamp.FromNanoseconds(ns)
+    return stamp
+
+
+def _check_id(kind: str, value: str) -> None:
+    """Ids become file names in the bundle: refuse anything that could leave it."""
+    if not value or value in (".", "..") or "/" in value or "\0" in value:
+        raise TtrpcError(Code.INVALID_ARGUMENT, f"invalid {kind} {value!r}")
+
+
+def _json_any(message: AnyProto, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(message.value)
+    except ValueError as exc:
+        raise TtrpcError(Code.INVALID_ARGUMENT, f"{what} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise TtrpcError(Code.INVALID_ARGUMENT, f"{what} must be a JSON object")
+    return value
+
+
+class TaskContainer:
+    """The service's record of one container: backend, init and execs."""
+
+    def __init__(self, id: str, bundle: str, backend: Container, init: Process, rootfs: str):
+        self.id = id
+        self.bundle = bundle
+        self.backend = backend
+        self.init = init
+        self.rootfs = rootfs  # mounted by us, or "" when the client brought its own rootfs
+        self.execs: dict[str, Process] = {}
+        self.exit_published: asyncio.Future[bool] | None = None
+
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        try:
+            return self.execs[exec_id]
+        except KeyError:
+            raise TtrpcError(Code.NOT_FOUND, f"process does not exist {exec_id}") from None
+
+
+class TaskService:
+    def __init__(
+        self,
+        runtime: Runtime,
+        publisher: Publisher,
+        request_shutdown: Callable[[], None],
+    ) -> None:
+        self._runtime = runtime
+        self._publisher = publisher
+        self._request_shutdown = request_shutdown
+        self._containers: dict[str, TaskContainer] = {}
+        self._creating: set[str] = set()
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._oom = OomWatcher(asyncio.get_running_loop(), self._on_oom)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _container(self, id: str) -> TaskContainer:
+        try:
+            return self._containers[id]
+        except KeyError:
+            raise TtrpcError(Code.NOT_FOUND, "container not created") from None
+
+    @property
+    def reaper(self) -> Reaper:
+        return self._runtime.context.reaper
+
+    async def _open_io(self, process: Process) -> ProcessIO:
+        stdio = process.stdio
+        return await ProcessIO.create(
+            reaper=self.reaper,
+            process_id=process.id,
+            namespace=self._runtime.context.namespace,
+            stdin=stdio.stdin,
+            stdout=stdio.stdout,
+            stderr=stdio.stderr,
+            terminal=stdio.terminal,
+        )
+
+    @staticmethod
+    def _runtime_stdio(io: ProcessIO, terminal: bool) -> ProcessStdio:
+        stdin, stdout, stderr = io.runtime_stdio
+        return ProcessStdio(stdin, stdout, stderr, terminal)
+
+    def _track(self, container: TaskContainer, process: Process, launched: Launched) -> None:
+        """The process runs: wire its pty and start watching for its exit."""
+        assert process.io is not None
+        process.io.close_runtime_ends()
+        if launched.console_master is not None:
+            process.io.attach_console(launched.console_master)
+        process.launched(launched.pid)
+        watcher = asyncio.get_running_loop().create_task(
+            self._on_exit(container, process, launched)
+        )
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+
+    async def _on_exit(
+        self, container: TaskContainer, process: Process, launched: Launched
+    ) -> None:
+        exit = await launched.exited
+        async with process.lock:  # the start event of this process is queued first
+            if process.is_init:
+                await self._before_init_exit(container)
+            process.set_exited(exit)
+            if process.status is Status.DELETED:
+                return
+            published = self._publisher.publish(
+                events.TaskExit(
+                    container_id=container.id,
+                    id=process.id,
+                    pid=exit.pid,
+                    exit_status=exit.status,
+                    exited_at=_timestamp(exit.exited_at_ns),
+                )
+            )
+            if process.is_init:
+                container.exit_published = published
+
+    async def _before_init_exit(self, container: TaskContainer) -> None:
+        try:
+            await container.backend.on_init_exit()
+        except Exception:
+            log.exception("cleanup after the init of %s exited", container.id)
+        self._oom.check(container.id)
+        self._oom.remove(container.id)
+        running = [p.exited.wait() for p in container.execs.values() if p.pid and not p.exit]
+        if running:  # an exec's exit is published before its init's exit
+            done, _ = await asyncio.wait(
+                [asyncio.ensure_future(w) for w in running], timeout=EXEC_EXIT_GRACE
+            )
+            if len(done) < len(running):
+                log.warning("%s: execs still running after the init exited", container.id)
+
+    def _on_oom(self, container_id: str) -> None:
+        self._publisher.publish(events.TaskOOM(container_id=container_id))
+
+    def _state_response(self, container: TaskContainer, process: Process) -> api.StateResponse:
+        status = process.status
+        if not process.is_init and container.init.status in (Status.PAUSED, Status.PAUSING):
+            status = container.init.status
+        return api.StateResponse(
+            id=process.id,
+            bundle=container.bundle,
+            pid=process.pid,
+            status=STATUS_CODES[status],  # type: ignore[arg-type]
+            stdin=process.stdio.stdin,
+            stdout=process.stdio.stdout,
+            stderr=process.stdio.stderr,
+            terminal=process.stdio.terminal,
+            exit_status=process.exit_status,
+            exited_at=_timestamp(process.exited_at_ns),
+        )
+
+    # -- RPCs ------------------------------------------------------------------------------
+
+    async def Create(self, request: api.CreateTaskRequest, ctx: CallContext) -> Any:
+        _check_id("container id", request.id)
+        if request.id in self._containers or request.id in self._creating:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"container {request.id}: already exists")
+        self._creating.add(request.id)
+        try:
+            container = await self._create(request)
+        finally:
+            self._creating.discard(request.id)
+        self._containers[request.id] = container
+        self._publisher.publish(
+            events.TaskCreate(
+                container_id=request.id,
+                bundle=request.bundle,
+                rootfs=request.rootfs,
+                io=events.TaskIO(
+                    stdin=request.stdin,
+                    stdout=request.stdout,
+                    stderr=request.stderr,
+                    terminal=request.terminal,
+                ),
+                checkpoint=request.checkpoint,
+                pid=container.init.pid,
+            )
+        )
+        return api.CreateTaskResponse(pid=container.init.pid)
+
+    async def _create(self, request: api.CreateTaskRequest) -> TaskContainer:
+        bundle = request.bundle
+        if not os.path.isfile(os.path.join(bundle, "config.json")):
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"bundle {bundle!r} has no config.json")
+        init = Process(
+            request.id,
+            "",
+            StdioRequest(request.stdin, request.stdout, request.stderr, request.terminal),
+        )
+        rootfs = ""
+        try:
+            if request.rootfs:
+                rootfs = os.path.join(bundle, "rootfs")
+                os.makedirs(rootfs, mode=0o711, exist_ok=True)
+                specs = [
+                    MountSpec(m.type, m.source, m.target, tuple(m.options)) for m in request.rootfs
+                ]
+                try:
+                    mount_rootfs(specs, rootfs)
+                except OSError as exc:
+                    rootfs = ""
+                    raise TtrpcError(Code.UNKNOWN, f"failed to mount rootfs: {exc}") from exc
+            init.io = await self._open_io(init)
+            config = ContainerConfig(
+                id=request.id,
+                bundle=bundle,
+                stdio=self._runtime_stdio(init.io, request.terminal),
+                options=request.options if request.HasField("options") else None,
+                checkpoint=request.checkpoint,
+                parent_checkpoint=request.parent_checkpoint,
+            )
+            backend = self._runtime.container(config)
+            container = TaskContainer(request.id, bundle, backend, init, rootfs)
+            launched = await backend.create()
+        except BaseException:
+            if init.io is not None:
+                await init.io.close()
+            if rootfs:
+                unmount_all(rootfs)
+            raise
+        if launched is not None:
+            self._track(container, init, launched)
+            init.status = Status.CREATED  # launched, but user code waits for Start
+        return container
+
+    async def Start(self, request: api.StartRequest, ctx: CallContext) -> Any:
+        container = self._container(request.id)
+        process = container.process(request.exec_id)
+        if process.is_init:
+            await self._start_init(container)
+        else:
+            await self._start_exec(container, process)
+        return api.StartResponse(pid=process.pid)
+
+    async def _start_init(self, container: TaskContainer) -> None:
+        init = container.init
+        async with init.lock:
+            init.require("start", Status.CREATED)
+            launched = await container.backend.start()
+            if launched is not None:  # restored from a checkpoint: the process is new
+                self._track(container, init, launched)
+            init.status = Status.RUNNING
+            self._watch_oom(container)
+            self._publisher.publish(events.TaskStart(container_id=container.id, pid=init.pid))
+
+    def _watch_oom(self, container: TaskContainer) -> None:
+        from shim.sys.cgroups import Cgroup
+
+        try:
+            self._oom.add(container.id, Cgroup.for_pid(container.init.pid))
+        except OSError as exc:
+            log.warning("%s: no OOM events: %s", container.id, exc)
+
+    async def _start_exec(self, container: TaskContainer, process: Process) -> None:
+        async with process.lock:
+            process.require("start", Status.CREATED)
+            if container.init.status is not Status.RUNNING:
+                raise TtrpcError(
+                    Code.FAILED_PRECONDITION,
+                    f"container {container.id} init process is not running",
+                )
+            process.io = await self._open_io(process)
+            try:
+                launched = await container.backend.exec(
+                    process.exec_id,
+                    process.spec,
+                    self._runtime_stdio(process.io, process.stdio.terminal),
+                )
+            except BaseException:
+                await process.io.close()
+                process.io = None
+                process.set_exited(_failed_exit())
+                raise
+            self._track(container, process, launched)
+            self._publisher.publish(
+                events.TaskExecStarted(
+                    container_id=container.id, exec_id=process.exec_id, pid=process.pid
+                )
+            )
+
+    async def Exec(self, request: api.ExecProcessRequest, ctx: CallContext) -> Any:
+        container = self._container(request.id)
+        _check_id("exec id", request.exec_id)
+        if request.exec_id in container.execs:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"id {request.exec_id}: already exists")
+        container.init.require("exec in", Status.CREATED, Status.RUNNING)
+        spec = _json_any(request.spec, "exec process spec")
+        spec["terminal"] = request.terminal
+        process = Process(
+            container.id,
+            request.exec_id,
+            StdioRequest(request.stdin, request.stdout, request.stderr, request.terminal),
+        )
+        process.spec = spec
+        container.execs[request.exec_id] = process
+        self._publisher.publish(
+            events.TaskExecAdded(container_id=container.id, exec_id=request.exec_id)
+        )
+        return Empty()
+
+    async def State(self, request: api.StateRequest, ctx: CallContext) -> Any:
+        container = self._container(request.id)
+        return self._state_response(container, container.process(request.exec_id))
+
+    async def Wait(self, request: api.WaitRequest, ctx: CallContext) -> Any:
+        container = self._container(request.id)
+        process = container.process(request.exec_id)
+        await process.exited.wait()
+        return api.WaitResponse(
+            exit_status=process.exit_status, exited_at=_timestamp(process.exited_at_ns)
+        )
+
+    async def Kill(self, request: api.KillRequest, ctx: CallContext) -> Any:
+        container = self._container(request.id)
+        process = container.process(request.exec_id)
+        if process.status is Status.DELETED:
+            raise TtrpcError(Code.NOT_FOUND, "process already finished")
+        if process.is_init:
+            await container.backend.kill(request.signal, request.all)
+        else:
+            process.signal(request.signal)
+        return Empty()
+
+    async def Delete(self, request: api.DeleteRequest, ctx: CallContext) -> Any:
+        container = self._container(request.id)
+        process = container.process(request.exec_id)
+        process.require("delete", Status.CREATED, Status.STOPPED)
+        if process.io is not None:
+            await process.io.wait_output(OUTPUT_DRAIN_TIMEOUT)
+        if process.is_init:
+            await self._delete_container(container)
+        else:
+            del container.execs[process.exec_id]
+        if process.io is not None:
+            await process.io.close()
+        process.forget()
+        response = api.DeleteResponse(
+            pid=process.pid,
+            exit_status=process.exit_status,
+            exited_at=_timestamp(process.exited_at_ns),
+        )
+        if process.is_init:
+            self._publisher.publish(
+                events.TaskDelete(
+                    container_id=container.id,
+                    pid=process.pid,
+                    exit_status=process.exit_status,
+                    exited_at=response.exited_at,
+                )
+            )
+        return response
+
+    async def _delete_container(self, container: TaskContainer) -> None:
+        if container.exit_published is not None:  # the exit reaches containerd before the delete
+            await asyncio.wait([container.exit_published], timeout=EXIT_PUBLISH_TIMEOUT)
+        container.init.status = Status.DELETED  # a late exit of a never-started init is not news
+        await container.backend.delete()
+        for process in container.execs.values():
+            if process.io is not None:
+                await process.io.close()
+        if container.rootfs:
+            unmount_all(container.rootfs)
+        self._oom.remove(container.id)
+        del self._containers[container.id]
+
+    async def Pids(self, request: api.PidsRequest, ctx: CallContext) -> Any:
+        container = self._container(request.id)
+        exec_ids = {p.pid: p.exec_id for p in container.execs.values() if p.pid and not p.exit}
+        processes = []
+        for pid in await container.backend.pids():
+            info = types.ProcessInfo(pid=pid)
+            if pid in exec_ids:
+                details = runc_options.ProcessDetails(exec_id=exec_ids[pid])
+                info.info.CopyFrom(
+                    AnyProto(type_url=PROCESS_DETAILS_URL, value=details.SerializeToString())
+                )
+            processes.append(info)
+        return api.PidsResponse(processes=processes)
+
+    async def Pause(self, request: api.PauseRequest, ctx: CallContext) -> Any:
+        container = self._container(request.id)
+        init = container.init
+        init.require("pause", Status.RUNNING)
+        init.status = Status.PAUSING
+        try:
+            await container.backend.pause()
+        except BaseException:
+            init.status = Status.RUNNING
+            raise
+        init.status = Status.PAUSED
+        self._publisher.publish(events.TaskPaused(container_id=container.id))
+        return Empty()
+
+    async def Resume(self, request: api.ResumeRequest, ctx: CallContext) -> Any:
+        container = self._container(request.id)
+        init = container.init
+        init.require("resume", Status.PAUSED)
+        await container.backend.resume()
+        init.status = Status.RUNNING
+        self._publisher.publish(events.TaskResumed(container_id=container.id))
+        return Empty()
+
+    async def Checkpoint(self, request: api.CheckpointTaskRequest, ctx: CallContext) -> Any:
+        container = self._container(request.id)
+        container.init.require("checkpoint", Status.RUNNING, Status.PAUSED)
+        await container.backend.checkpoint(
+            CheckpointRequest(
+                path=request.path,
+                options=request.options if request.HasField("options") else None,
+            )
+        )
+        self._publisher.publish(
+            events.TaskCheckpointed(container_id=container.id, checkpoint=request.path)
+        )
+        return Empty()
+
+    async def Update(self, request: api.UpdateTaskRequest, ctx: CallContext) -> Any:
+        container = self._container(request.id)
+        container.init.require("update", Status.CREATED, Status.RUNNING, Status.PAUSED)
+        await container.backend.update(_json_any(request.resources, "resources"))
+        return Empty()
+
+    async def Stats(self, request: api.StatsRequest, ctx: CallContext) -> Any:
+        container = self._container(request.id)
+        return api.StatsResponse(stats=await container.backend.stats())
+
+    async def ResizePty(self, request: api.ResizePtyRequest, ctx: CallContext) -> Any:
+        container = self._container(request.id)
+        process = container.process(request.exec_id)
+        if not process.is_init and process.status is Status.STOPPED:
+            raise TtrpcError(Code.FAILED_PRECONDITION, "cannot resize a stopped process")
+        if process.io is not None:
+            process.io.resize(request.width, request.height)
+        return Empty()
+
+    async def CloseIO(self, request: api.CloseIORequest, ctx: CallContext) -> Any:
+        container = self._container(request.id)
+        process = container.process(request.exec_id)
+        if request.stdin and process.io is not None:
+            process.io.close_stdin()
+        return Empty()
+
+    async def Connect(self, request: api.ConnectRequest, ctx: CallContext) -> Any:
+        container = self._containers.get(request.id)
+        return api.ConnectResponse(
+            shim_pid=os.getpid(), task_pid=container.init.pid if container else 0
+        )
+
+    async def Shutdown(self, request: api.ShutdownRequest, ctx: CallContext) -> Any:
+        if not self._containers and not self._creating:
+            # Reply first: containerd ignores "ttrpc: closed", but a clean reply is cheaper.
+            asyncio.get_running_loop().call_soon(self._request_shutdown)
+        return Empty()
+
+    def has_containers(self) -> bool:
+        return bool(self._containers or self._creating)
+
+    async def close(self) -> None:
+        self._oom.close()
+        for watcher in list(self._watchers):
+            watcher.cancel()
+
+
+def _failed_exit() -> Exit:
+    """What Wait reports for an exec whose start failed: it never ran."""
+    return Exit(pid=0, status=255, exited_at_ns=time.time_ns())

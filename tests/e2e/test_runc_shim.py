@@ -1,0 +1,390 @@
+"""containerd-shim-pyrunc-v1 end to end: real ctr, real containerd, real runc."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fcntl
+import hashlib
+import json
+import os
+import pty
+import select
+import struct
+import subprocess
+import termios
+import time
+from pathlib import Path
+
+import pytest
+from harness import PrivateContainerd, wait_until
+
+RUNTIME = "io.containerd.pyrunc.v1"
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def run(
+    containerd: PrivateContainerd, *args: str, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
+    return containerd.ctr("run", "--runtime", RUNTIME, *args, **kwargs)  # type: ignore[arg-type]
+
+
+def run_detached(containerd: PrivateContainerd, name: str, *command: str) -> None:
+    containerd.ctr("run", "-d", "--runtime", RUNTIME, containerd.image, name, *command)
+
+
+def start_ctr(
+    containerd: PrivateContainerd,
+    *args: str,
+    stdin: int = subprocess.DEVNULL,
+    stdout: int = subprocess.DEVNULL,
+) -> subprocess.Popen[bytes]:
+    """ctr in the background, for commands a test must act on while they run."""
+    return subprocess.Popen(
+        containerd.ctr_command(*args), stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
+        env=containerd.ctr_env,
+    )  # fmt: skip
+
+
+def task_status(containerd: PrivateContainerd, container_id: str) -> str:
+    for line in containerd.ctr("tasks", "ls").stdout.splitlines()[1:]:
+        task_id, _pid, status = line.split()[:3]
+        if task_id == container_id:
+            return status
+    return "absent"
+
+
+def task_pid(containerd: PrivateContainerd, container_id: str) -> int:
+    for line in containerd.ctr("tasks", "ls").stdout.splitlines()[1:]:
+        task_id, pid, _status = line.split()[:3]
+        if task_id == container_id:
+            return int(pid)
+    raise AssertionError(f"no task {container_id}")
+
+
+def kill_and_delete(containerd: PrivateContainerd, name: str) -> None:
+    containerd.ctr("tasks", "kill", "--signal", "SIGKILL", name, check=False)
+    assert wait_until(lambda: task_status(containerd, name) in ("STOPPED", "absent"), timeout=10)
+    containerd.ctr("tasks", "delete", name, check=False)
+    containerd.ctr("containers", "delete", name, check=False)
+
+
+def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainerd) -> None:
+    result = run(
+        containerd,
+        "--rm",
+        containerd.image,
+        "rm7",
+        "sh",
+        "-c",
+        "echo hello; echo oops >&2; exit 7",
+        check=False,
+    )
+
+    assert result.returncode == 7, result.stderr
+    assert result.stdout == "hello\n"
+    assert "oops" in result.stderr
+    assert not containerd.bundle("rm7").exists()
+
+
+def test_process_that_exits_at_once(containerd: PrivateContainerd) -> None:
+    result = run(containerd, "--rm", containerd.image, "quick", "true", check=False)
+
+    assert (result.returncode, result.stdout) == (0, ""), result.stderr
+
+
+def test_stdin_reaches_the_container(containerd: PrivateContainerd) -> None:
+    # ctr 1.6 never closes stdin that hit EOF before the task existed (PROTOCOL Q0): feed it
+    # once the task runs, then close it.
+    command = (
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        containerd.image,
+        "stdin",
+        "sh",
+        "-c",
+        "cat; echo done",
+    )
+    ctr = start_ctr(containerd, *command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: task_status(containerd, "stdin") == "RUNNING", timeout=20)
+        out, err = ctr.communicate(b"line one\nline two\n", timeout=30)
+    finally:
+        ctr.kill()
+        ctr.wait(timeout=10)
+    assert ctr.returncode == 0, err
+    assert out == b"line one\nline two\ndone\n"
+
+
+def test_detached_task_lists_running_and_exec_works(containerd: PrivateContainerd) -> None:
+    run_detached(containerd, "det", "sleep", "1000")
+    assert task_status(containerd, "det") == "RUNNING"
+    assert task_pid(containerd, "det") > 0
+
+    result = containerd.ctr(
+        "tasks", "exec", "--exec-id", "e1", "det", "sh", "-c", "echo out; echo err >&2; exit 5",
+        check=False,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout) == (5, "out\n"), result.stderr
+    assert "err" in result.stderr
+
+    piped = containerd.ctr(
+        "tasks", "exec", "--exec-id", "e2", "det", "sh", "-c", "cat; echo end", input="hi\n"
+    )
+    assert piped.stdout == "hi\nend\n"
+    kill_and_delete(containerd, "det")
+
+
+def test_twenty_concurrent_execs(containerd: PrivateContainerd) -> None:
+    run_detached(containerd, "conc", "sleep", "1000")
+
+    def exec_one(n: int) -> tuple[int, str]:
+        result = containerd.ctr(
+            "tasks",
+            "exec",
+            "--exec-id",
+            f"x{n}",
+            "conc",
+            "sh",
+            "-c",
+            f"echo {n}; exit {n}",
+            check=False,
+        )
+        return result.returncode, result.stdout
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(exec_one, range(20)))
+    assert results == [(n, f"{n}\n") for n in range(20)]
+    kill_and_delete(containerd, "conc")
+
+
+def test_duplicate_exec_id_is_refused(containerd: PrivateContainerd) -> None:
+    run_detached(containerd, "dup", "sleep", "1000")
+    first = start_ctr(containerd, "tasks", "exec", "--exec-id", "same", "dup", "sleep", "30")
+    try:
+        time.sleep(1)
+        second = containerd.ctr("tasks", "exec", "--exec-id", "same", "dup", "true", check=False)
+        assert second.returncode != 0
+        assert "already exists" in second.stderr
+    finally:
+        first.kill()
+        first.wait(timeout=10)
+    kill_and_delete(containerd, "dup")
+
+
+def test_kill_with_term_and_kill(containerd: PrivateContainerd) -> None:
+    run_detached(
+        containerd, "term", "sh", "-c", 'trap "exit 143" TERM; while :; do sleep 0.1; done'
+    )
+    run_detached(containerd, "kill9", "sleep", "1000")
+    with containerd.events() as events:
+        containerd.ctr("tasks", "kill", "term")
+        containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "kill9")
+        assert '"exit_status":143' in events.wait_for('"container_id":"term"')
+        assert wait_until(lambda: task_status(containerd, "kill9") == "STOPPED", timeout=10)
+    exits = [line for line in events.lines if "/tasks/exit" in line]
+    assert any('"container_id":"kill9"' in line and '"exit_status":137' in line for line in exits)
+    for name in ("term", "kill9"):
+        containerd.ctr("tasks", "delete", name)
+        containerd.ctr("containers", "delete", name)
+
+
+def test_pause_stops_a_counter_and_resume_continues(containerd: PrivateContainerd) -> None:
+    run_detached(
+        containerd,
+        "counter",
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done",
+    )
+
+    def count() -> int:
+        out = containerd.ctr(
+            "tasks", "exec", "--exec-id", f"r{time.monotonic_ns()}", "counter", "cat", "/tmp/n"
+        ).stdout
+        return int(out.strip() or 0)
+
+    assert wait_until(lambda: count() > 0, timeout=10)
+    with containerd.events() as events:
+        containerd.ctr("tasks", "pause", "counter")
+        assert task_status(containerd, "counter") == "PAUSED"
+        containerd.ctr("tasks", "resume", "counter")
+        assert task_status(containerd, "counter") == "RUNNING"
+    assert events.topics()[:2] == ["/tasks/paused", "/tasks/resumed"]
+    before = count()
+    containerd.ctr("tasks", "pause", "counter")
+    time.sleep(0.5)
+    # Exec is refused while paused, so read the counter from the host through /proc.
+    root = f"/proc/{task_pid(containerd, 'counter')}/root/tmp/n"
+    paused = Path(root).read_text()
+    time.sleep(0.5)
+    assert Path(root).read_text() == paused
+    containerd.ctr("tasks", "resume", "counter")
+    assert wait_until(lambda: count() > before + 2, timeout=10)
+    kill_and_delete(containerd, "counter")
+
+
+def test_ps_lists_init_and_exec_pids(containerd: PrivateContainerd) -> None:
+    run_detached(containerd, "ps", "sleep", "1000")
+    execer = start_ctr(containerd, "tasks", "exec", "--exec-id", "busy", "ps", "sleep", "30")
+    try:
+        init = task_pid(containerd, "ps")
+
+        def listed() -> str:
+            return containerd.ctr("tasks", "ps", "ps").stdout
+
+        assert wait_until(lambda: "busy" in listed(), timeout=10)
+        lines = listed().splitlines()[1:]
+        by_pid = {int(line.split()[0]): line for line in lines}
+        assert init in by_pid
+        assert "busy" not in by_pid[init]
+        assert any("busy" in line for pid, line in by_pid.items() if pid != init)
+    finally:
+        execer.kill()
+        execer.wait(timeout=10)
+    kill_and_delete(containerd, "ps")
+
+
+def test_metrics(containerd: PrivateContainerd) -> None:
+    run_detached(containerd, "metrics", "sleep", "1000")
+    table = containerd.ctr("tasks", "metrics", "metrics").stdout
+    assert "memory.usage_in_bytes" in table or "memory.usage" in table, table
+    as_json = json.loads(containerd.ctr("tasks", "metrics", "--format", "json", "metrics").stdout)
+    assert as_json["pids"]["current"] >= 1
+    kill_and_delete(containerd, "metrics")
+
+
+def test_memory_limit_gives_oom_before_exit(containerd: PrivateContainerd) -> None:
+    with containerd.events() as events:
+        result = run(
+            containerd, "--rm", "--memory-limit", str(16 * 1024 * 1024), containerd.image, "oom",
+            "sh", "-c", "x=a; while :; do x=$x$x; done", check=False, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 137, result.stderr
+        events.wait_for("/tasks/delete")
+    topics = [t for t in events.topics() if t in ("/tasks/oom", "/tasks/exit")]
+    assert topics[:2] == ["/tasks/oom", "/tasks/exit"], events.lines
+
+
+def test_events_in_order_with_ids(containerd: PrivateContainerd) -> None:
+    with containerd.events() as events:
+        run_detached(containerd, "ev", "sleep", "1000")
+        containerd.ctr(
+            "tasks", "exec", "--exec-id", "ev-x", "ev", "sh", "-c", "exit 4", check=False
+        )
+        containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "ev")
+        assert wait_until(lambda: task_status(containerd, "ev") == "STOPPED", timeout=10)
+        containerd.ctr("tasks", "delete", "ev")
+        events.wait_for("/tasks/delete")
+    topics = [t for t in events.topics() if t.startswith("/tasks/")]
+    assert topics == [
+        "/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started",
+        "/tasks/exit", "/tasks/exit", "/tasks/delete",
+    ]  # fmt: skip
+    exec_exit, init_exit = [line for line in events.lines if "/tasks/exit" in line]
+    assert '"id":"ev-x"' in exec_exit and '"exit_status":4' in exec_exit
+    assert '"id":"ev"' in init_exit and '"exit_status":137' in init_exit
+    assert all('"container_id":"ev"' in line for line in events.lines if "/tasks/" in line)
+
+
+def test_run_with_terminal_sees_its_size(containerd: PrivateContainerd) -> None:
+    pid, master = pty.fork()
+    if pid == 0:
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 37, 113, 0, 0))
+        argv = containerd.ctr_command(
+            "run",
+            "-t",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            containerd.image,
+            "tty",
+            "sh",
+            "-c",
+            "sleep 0.5; stty size; tty",
+        )
+        os.execve(argv[0], argv, containerd.ctr_env)
+    output = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                output += chunk
+    finally:
+        os.close(master)
+        _, status = os.waitpid(pid, 0)
+    text = output.decode(errors="replace")
+    assert "37 113" in text, text
+    assert "/dev/pts/" in text, text
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_fifty_megabytes_of_output_arrive_byte_exact(containerd: PrivateContainerd) -> None:
+    count = 6_000_000
+    expected = hashlib.sha256("".join(f"{i}\n" for i in range(1, count + 1)).encode()).hexdigest()
+    command = ("run", "--rm", "--runtime", RUNTIME, containerd.image, "big", "seq", "1", str(count))
+    ctr = start_ctr(containerd, *command, stdout=subprocess.PIPE)
+    out, err = ctr.communicate(timeout=150)
+    assert ctr.returncode == 0, err
+    assert len(out) > 45_000_000
+    assert hashlib.sha256(out).hexdigest() == expected
+
+
+def test_missing_binary_is_a_clear_error(containerd: PrivateContainerd) -> None:
+    result = run(containerd, "--rm", containerd.image, "missing", "/no/such/binary", check=False)
+
+    assert result.returncode != 0
+    assert "no such file" in result.stderr.lower() or "not found" in result.stderr.lower(), (
+        result.stderr
+    )
+    containerd.ctr("containers", "delete", "missing", check=False)
+    assert wait_until(lambda: not containerd.shim_pids(), timeout=10)
+
+
+def test_containerd_restart_keeps_the_task(containerd: PrivateContainerd) -> None:
+    run_detached(containerd, "survivor", "sleep", "1000")
+    pid = task_pid(containerd, "survivor")
+
+    containerd.restart()
+
+    assert task_status(containerd, "survivor") == "RUNNING"
+    assert task_pid(containerd, "survivor") == pid
+    result = containerd.ctr(
+        "tasks", "exec", "--exec-id", "after", "survivor", "sh", "-c", "echo alive"
+    )
+    assert result.stdout == "alive\n"
+    with containerd.events() as events:
+        containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "survivor")
+        assert '"exit_status":137' in events.wait_for("/tasks/exit")
+    assert wait_until(lambda: task_status(containerd, "survivor") == "STOPPED", timeout=10)
+    containerd.ctr("tasks", "delete", "survivor")
+    containerd.ctr("containers", "delete", "survivor")
+
+
+def test_twenty_run_rm_in_parallel(containerd: PrivateContainerd) -> None:
+    def run_one(n: int) -> tuple[int, str]:
+        result = run(
+            containerd,
+            "--rm",
+            containerd.image,
+            f"par{n}",
+            "sh",
+            "-c",
+            f"echo {n}",
+            check=False,
+            timeout=120,
+        )
+        return result.returncode, result.stdout
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(run_one, range(20)))
+    assert results == [(0, f"{n}\n") for n in range(20)]
