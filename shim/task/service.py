@@ -177,7 +177,6 @@ class TaskService:
             await container.backend.on_init_exit()
         except Exception:
             log.exception("cleanup after the init of %s exited", container.id)
-        self._oom.check(container.id)
         self._oom.remove(container.id)
         running = [p.exited.wait() for p in container.execs.values() if p.pid and not p.exit]
         if running:  # an exec's exit is published before its init's exit

@@ -46,6 +46,18 @@ def start_ctr(
     )  # fmt: skip
 
 
+def stop_exec(
+    containerd: PrivateContainerd, ctr: subprocess.Popen[bytes], name: str, exec_id: str
+) -> None:
+    """End an exec through the shim, so its ctr exits and removes its FIFOs itself."""
+    containerd.ctr("tasks", "kill", "--exec-id", exec_id, "--signal", "SIGKILL", name, check=False)
+    try:
+        ctr.wait(timeout=20)
+    finally:
+        ctr.kill()
+        ctr.wait(timeout=10)
+
+
 def task_status(containerd: PrivateContainerd, container_id: str) -> str:
     for line in containerd.ctr("tasks", "ls").stdout.splitlines()[1:]:
         task_id, _pid, status = line.split()[:3]
@@ -169,8 +181,7 @@ def test_duplicate_exec_id_is_refused(containerd: PrivateContainerd) -> None:
         assert second.returncode != 0
         assert "already exists" in second.stderr
     finally:
-        first.kill()
-        first.wait(timeout=10)
+        stop_exec(containerd, first, "dup", "same")
     kill_and_delete(containerd, "dup")
 
 
@@ -242,8 +253,7 @@ def test_ps_lists_init_and_exec_pids(containerd: PrivateContainerd) -> None:
         assert "busy" not in by_pid[init]
         assert any("busy" in line for pid, line in by_pid.items() if pid != init)
     finally:
-        execer.kill()
-        execer.wait(timeout=10)
+        stop_exec(containerd, execer, "ps", "busy")
     kill_and_delete(containerd, "ps")
 
 

@@ -61,6 +61,7 @@ class FakeContainer(Container):
         assert self._gate is not None
         os.write(self._gate, b"go\n")
         os.close(self._gate)
+        self._gate = None
         return None
 
     async def exec(self, exec_id: str, process: Mapping[str, Any], stdio: ProcessStdio) -> Launched:

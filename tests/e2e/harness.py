@@ -1,0 +1,571 @@
+"""A private containerd for the e2e tests and the demo.
+
+Everything it starts lives under one temp dir (config, root, state, sockets, FIFOs, log) and
+is stopped by pid; it never touches a system containerd. Standard library only, so that
+scripts/demo can import it without pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = REPO / ".venv" / "bin"
+IMAGE_TAR = REPO / "var" / "images" / "busybox.tar"
+PYRUNC_RUNTIME = "io.containerd.pyrunc.v1"
+NAMESPACE = "pyshim-e2e"
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# ctr subcommands that create FIFOs and accept --fifo-dir.
+FIFO_SUBCOMMANDS = [("run",)] + [
+    (tasks, action) for tasks in ("t", "task", "tasks") for action in ("start", "exec")
+]
+# A ContainerDelete event (field 1 = id) used as a marker in the event stream.
+MARKER_TYPE_URL = b"containerd.events.ContainerDelete"
+MARKER_TOPIC = "/pyshim/marker"
+MNT_DETACH = 2
+
+
+class HarnessError(Exception):
+    """The private containerd could not be set up or did not behave."""
+
+
+class CtrError(subprocess.CalledProcessError):
+    """A ctr command failed; the message carries its output."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\nstdout: {self.stdout}\nstderr: {self.stderr}"
+
+
+@dataclass(frozen=True)
+class Binaries:
+    containerd: Path
+    ctr: Path
+
+
+def binaries(version: str) -> Binaries:
+    """containerd and ctr for PYSHIM_CONTAINERD: 1.6 is Debian's, others from fetch-containerd."""
+    if version == "1.6":
+        return Binaries(Path("/usr/bin/containerd"), Path("/usr/bin/ctr"))
+    unpacked = REPO / "var" / f"containerd-{version}" / "usr" / "bin"
+    found = Binaries(unpacked / "containerd", unpacked / "ctr")
+    if not found.containerd.is_file():
+        raise HarnessError(
+            f"containerd {version} is not unpacked; run: bash scripts/fetch-containerd {version}"
+        )
+    return found
+
+
+def unusable_reason() -> str | None:
+    """Why a private containerd cannot run containers here, or None if it can."""
+    if os.geteuid() != 0:
+        return "e2e tests need root"
+    cgroup = Path("/sys/fs/cgroup")
+    unified = (cgroup / "cgroup.controllers").is_file()
+    hierarchy = cgroup if unified else cgroup / "memory"
+    if not hierarchy.is_dir() or not os.access(hierarchy, os.W_OK):
+        return f"{hierarchy} is not a writable cgroup hierarchy"
+    return None
+
+
+def image_ref(image_tar: Path) -> str:
+    """The org.opencontainers.image.ref.name that scripts/build-image put in the index."""
+    with tarfile.open(image_tar) as tar:
+        member = tar.extractfile("index.json")
+        if member is None:
+            raise HarnessError(f"{image_tar} has no index.json")
+        index = json.load(member)
+    ref: str = index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
+    return ref
+
+
+def ensure_image() -> Path:
+    if not IMAGE_TAR.is_file():
+        run([str(REPO / "scripts" / "build-image"), str(IMAGE_TAR)], timeout=60)
+    return IMAGE_TAR
+
+
+def run(argv: list[str], timeout: float, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, check=check, stdin=subprocess.DEVNULL
+    )
+
+
+def overlay_works(scratch: Path) -> bool:
+    """Probe a two-lower overlay mount, as the overlayfs snapshotter needs."""
+    dirs = {name: scratch / name for name in ("lower1", "lower2", "upper", "work", "merged")}
+    for path in dirs.values():
+        path.mkdir(parents=True)
+    lower = f"{dirs['lower1']}:{dirs['lower2']}"
+    options = f"lowerdir={lower},upperdir={dirs['upper']},workdir={dirs['work']}"
+    mounted = run(
+        ["mount", "-t", "overlay", "overlay", "-o", options, str(dirs["merged"])],
+        timeout=10,
+        check=False,
+    )
+    if mounted.returncode == 0:
+        run(["umount", str(dirs["merged"])], timeout=10)
+    shutil.rmtree(scratch)
+    return mounted.returncode == 0
+
+
+def shim_bin_dir(base: Path) -> Path:
+    """A dir of links to every containerd-shim-py* console script of the venv."""
+    bin_dir = base / "bin"
+    bin_dir.mkdir()
+    for script in sorted(VENV_BIN.glob("containerd-shim-py*")):
+        (bin_dir / script.name).symlink_to(script)
+    return bin_dir
+
+
+def mounts_under(prefix: Path) -> list[Path]:
+    """Mount points below prefix, deepest last as listed in mountinfo."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        # Field 5 is the mount point, with spaces etc. octal-escaped.
+        point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4]))
+        if point.is_relative_to(prefix):
+            found.append(point)
+    return found
+
+
+def detach_mounts(points: list[Path]) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    for point in reversed(points):
+        libc.umount2(str(point).encode(), MNT_DETACH)
+
+
+def process_args(pid: int) -> tuple[list[str], list[str]]:
+    """argv and environment of a process ([] if it is gone)."""
+    try:
+        argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+        env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return [], []
+    return [a.decode(errors="replace") for a in argv], [e.decode(errors="replace") for e in env]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+class EventLog:
+    """Lines printed by `ctr events`, filled by a reader thread; harness markers kept apart."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._markers: list[str] = []
+        self._changed = threading.Condition()
+
+    def record(self, line: str) -> None:
+        with self._changed:
+            (self._markers if event_topic(line) == MARKER_TOPIC else self.lines).append(line)
+            self._changed.notify_all()
+
+    def clear(self) -> None:
+        with self._changed:
+            self.lines.clear()
+
+    def topics(self) -> list[str]:
+        """The topic of each line, in order (e.g. "/tasks/exit")."""
+        with self._changed:
+            return [event_topic(line) for line in self.lines]
+
+    def wait_for(self, *texts: str, timeout: float = 10) -> str:
+        """The first line containing all texts; HarnessError if none arrives in time."""
+        return self._wait(self.lines, texts, timeout)
+
+    def wait_for_marker(self, marker: str, timeout: float) -> None:
+        self._wait(self._markers, (marker,), timeout)
+
+    def _wait(self, lines: list[str], texts: tuple[str, ...], timeout: float) -> str:
+        def matches(line: str) -> bool:
+            return all(text in line for text in texts)
+
+        with self._changed:
+            if not self._changed.wait_for(lambda: any(map(matches, lines)), timeout):
+                raise HarnessError(f"no event containing {texts} in {timeout}s: {self.lines}")
+            return next(filter(matches, lines))
+
+
+def record_lines(stream: IO[str], log: EventLog) -> None:
+    for line in stream:
+        log.record(line.rstrip("\n"))
+
+
+def protobuf_field(number: int, data: bytes) -> bytes:
+    """A length-delimited protobuf field (short values only: one-byte length)."""
+    assert len(data) < 128
+    return bytes([number << 3 | 2, len(data)]) + data
+
+
+def event_topic(line: str) -> str:
+    """`ctr events` prints: <timestamp (4 words)> <namespace> <topic> <json>."""
+    words = line.split(" ", 6)
+    return words[5] if len(words) > 5 and words[5].startswith("/") else ""
+
+
+class PrivateContainerd:
+    """A containerd with its own config, root, state and sockets under a fresh temp dir.
+
+    Use as a context manager (or start()/close()); close() stops everything it started.
+    """
+
+    def __init__(
+        self,
+        version: str = "1.6",
+        runtime: str = PYRUNC_RUNTIME,
+        namespace: str = NAMESPACE,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.version = version
+        self.runtime = runtime
+        self.namespace = namespace
+        self.binaries = binaries(version)
+        self.image = image_ref(ensure_image())
+        self.base = Path(tempfile.mkdtemp(prefix="pyshim-ctrd-"))
+        self.root = self.base / "root"
+        self.state = self.base / "state"
+        self.address = str(self.base / "containerd.sock")
+        self.ttrpc_address = self.address + ".ttrpc"
+        self.fifo_dir = self.base / "fifo"
+        self.log_path = self.base / "containerd.log"
+        self.snapshotter = "overlayfs" if overlay_works(self.base / "overlay-probe") else "native"
+        self._extra_env = dict(env or {})
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> PrivateContainerd:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Write the config, start containerd, and import the busybox image."""
+        self.fifo_dir.mkdir(exist_ok=True)
+        shim_bin_dir(self.base)
+        (self.base / "config.toml").write_text(self._config_toml())
+        self._launch()
+        self.ctr("images", "import", str(IMAGE_TAR), timeout=120)
+
+    def _config_toml(self) -> str:
+        # CRI is not needed and slows start-up; NRI would open a socket under /var/run/nri.
+        disabled = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri"]
+        extra = ""
+        if self.version.startswith("1."):
+            config_version = 2
+        else:
+            config_version = 3
+            disabled += ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"]
+            # 2.x unpacks imported images through the transfer service.
+            extra = (
+                '[plugins."io.containerd.transfer.v1.local"]\n'
+                f'  unpack_config = [{{platform = "linux", snapshotter = "{self.snapshotter}"}}]\n'
+            )
+        quoted = ", ".join(f'"{name}"' for name in disabled)
+        return (
+            f"version = {config_version}\n"
+            f'root = "{self.root}"\n'
+            f'state = "{self.state}"\n'
+            f"disabled_plugins = [{quoted}]\n"
+            f'[grpc]\n  address = "{self.address}"\n'
+            f'[ttrpc]\n  address = "{self.ttrpc_address}"\n'
+            '[debug]\n  level = "debug"\n'
+            f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{self.base / "opt"}"\n' + extra
+        )
+
+    def _launch(self) -> None:
+        # Our shims first, then the Go shim matching this containerd, then the system's.
+        path = [str(self.base / "bin"), str(self.binaries.containerd.parent), SYSTEM_PATH]
+        env = {"PATH": ":".join(dict.fromkeys(path)), "HOME": "/root", **self._extra_env}
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [str(self.binaries.containerd), "--config", str(self.base / "config.toml")],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                # Its cwd is the first place it looks for shim binaries (PROTOCOL A.1).
+                cwd=self.base,
+                start_new_session=True,
+            )
+        if not wait_until(self._serving, timeout=30, interval=0.1):
+            raise HarnessError(f"containerd did not start; log tail:\n{self.log_tail()}")
+
+    def _serving(self) -> bool:
+        assert self._process is not None
+        if self._process.poll() is not None:
+            raise HarnessError(
+                f"containerd exited with {self._process.returncode}; log:\n{self.log_tail()}"
+            )
+        with socket.socket(socket.AF_UNIX) as sock:
+            try:
+                sock.connect(self.address)
+            except OSError:
+                return False
+        return self.ctr("version", check=False, timeout=10).returncode == 0
+
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        """Stop containerd with sig (SIGKILL for a crash) and start it again on the same dirs."""
+        self._stop_daemon(sig)
+        self._launch()
+
+    def _stop_daemon(self, sig: int = signal.SIGTERM) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+    def close(self) -> None:
+        """Remove tasks and containers, stop containerd and our shims, clean the temp dir."""
+        try:
+            if self._process is not None and self._process.poll() is None:
+                with contextlib.suppress(Exception):
+                    self.remove_all()
+        finally:
+            self._stop_daemon()
+            for pid in self.shim_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            detach_mounts(mounts_under(self.base))
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    # -- ctr -------------------------------------------------------------------------------
+
+    def ctr_command(self, *args: str) -> list[str]:
+        """argv for ctr against this containerd; FIFOs of run/task start/exec go to fifo_dir."""
+        args_list = list(args)
+        for subcommand in FIFO_SUBCOMMANDS:
+            n = len(subcommand)
+            if tuple(args_list[:n]) == subcommand and not {"--log-uri", "--fifo-dir"} & {
+                a.split("=")[0] for a in args_list
+            }:
+                args_list[n:n] = ["--fifo-dir", str(self.fifo_dir)]
+        return [
+            str(self.binaries.ctr),
+            "--address",
+            self.address,
+            "--namespace",
+            self.namespace,
+            *args_list,
+        ]
+
+    @property
+    def ctr_env(self) -> dict[str, str]:
+        return {"PATH": SYSTEM_PATH, "CONTAINERD_SNAPSHOTTER": self.snapshotter}
+
+    def ctr(
+        self, *args: str, input: str | None = None, timeout: float = 60, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ctr; CtrError (with its output) if check and it exits non-zero."""
+        result = subprocess.run(
+            self.ctr_command(*args),
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.ctr_env,
+        )
+        if check and result.returncode != 0:
+            raise CtrError(result.returncode, result.args, result.stdout, result.stderr)
+        return result
+
+    def bundle(self, container_id: str) -> Path:
+        return self.state / "io.containerd.runtime.v2.task" / self.namespace / container_id
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    # -- events ----------------------------------------------------------------------------
+
+    def publish_marker(self, marker: str) -> None:
+        """Publish a ContainerDelete{id=marker} on MARKER_TOPIC through `containerd publish`."""
+        any_message = protobuf_field(1, MARKER_TYPE_URL) + protobuf_field(
+            2, protobuf_field(1, marker.encode())
+        )
+        argv = [str(self.binaries.containerd), "--address", self.address, "publish"]
+        argv += ["--namespace", self.namespace, "--topic", MARKER_TOPIC]
+        subprocess.run(argv, input=any_message, capture_output=True, timeout=30, check=True)
+
+    @contextlib.contextmanager
+    def events(self, timeout: float = 30) -> Iterator[EventLog]:
+        """Record `ctr events` while the block runs.
+
+        A marker event before the block proves the subscription is live, and one after it
+        proves every event published before the block ended has been printed. containerd 2.x
+        publishes some events (/tasks/delete) after the call that causes them has returned:
+        wait_for those inside the block.
+        """
+        log = EventLog()
+        process = subprocess.Popen(
+            self.ctr_command("events"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=self.ctr_env,
+        )
+        assert process.stdout is not None
+        reader = threading.Thread(target=record_lines, args=(process.stdout, log), daemon=True)
+        reader.start()
+        try:
+            # Until ctr events has subscribed, a marker is lost: publish until one shows up.
+            deadline = time.monotonic() + timeout
+            for attempt in itertools.count():
+                self.publish_marker(f"pyshim-begin-{attempt}")
+                try:
+                    log.wait_for_marker("pyshim-begin-", timeout=0.5)
+                    break
+                except HarnessError:
+                    if time.monotonic() > deadline:
+                        raise
+            log.clear()
+            yield log
+            self.publish_marker("pyshim-end")
+            log.wait_for_marker("pyshim-end", timeout=timeout)
+        finally:
+            process.kill()
+            process.wait(timeout=10)
+            reader.join(timeout=10)
+
+    # -- cleanup ---------------------------------------------------------------------------
+
+    def remove_all(self) -> None:
+        """Kill and delete every task, then delete every container of our namespace."""
+        for line in self.ctr("tasks", "ls", timeout=30).stdout.splitlines()[1:]:
+            task_id, _pid, status = line.split()[:3]
+            if status == "PAUSED":
+                self.ctr("tasks", "resume", task_id, timeout=30, check=False)
+            self.ctr("tasks", "delete", "--force", task_id, timeout=30, check=False)
+        containers = self.ctr("containers", "ls", "-q", timeout=30).stdout.split()
+        if containers:
+            self.ctr("containers", "delete", *containers, timeout=60, check=False)
+
+    def shim_pids(self) -> list[int]:
+        """Shim processes of this containerd: a containerd-shim-* program whose argv or
+        environment names our address (the Python shims run as `python <script>`)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            argv, env = process_args(int(entry.name))
+            if not any(Path(a).name.startswith("containerd-shim-") for a in argv[:2]):
+                continue
+            if self.address in argv or f"TTRPC_ADDRESS={self.ttrpc_address}" in env:
+                pids.append(int(entry.name))
+        return pids
+
+    def leftovers(self) -> list[str]:
+        """What a finished test left behind: shim processes, mounts, FIFO dirs."""
+        problems = [f"shim process {pid}: {process_args(pid)[0]}" for pid in self.shim_pids()]
+        problems += [f"mount {point}" for point in mounts_under(self.base)]
+        problems += [f"FIFO dir {entry}" for entry in sorted(self.fifo_dir.iterdir())]
+        return problems
+
+    def force_clean(self) -> None:
+        """Kill our shims and detach mounts, so a broken test does not break the next."""
+        for pid in self.shim_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        detach_mounts(mounts_under(self.base))
+        for entry in self.fifo_dir.iterdir():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+# -- demo (scripts/demo) ---------------------------------------------------------------------
+
+
+def demo(runtime: str, version: str) -> int:
+    """Walk through a container's lifecycle with ctr, printing each command and state."""
+    reason = unusable_reason()
+    if reason:
+        print(f"demo: cannot run containers here: {reason}", file=sys.stderr)
+        return 1
+    with PrivateContainerd(version=version, runtime=runtime, namespace="pyshim-demo") as ctrd:
+        print(f"# private containerd {version} at {ctrd.address} (log: {ctrd.log_path})")
+
+        def step(title: str, *args: str, expect: int = 0) -> None:
+            print(f"\n## {title}\n$ ctr {shlex.join(args)}")
+            result = ctrd.ctr(*args, check=False)
+            print((result.stdout + result.stderr).rstrip() or "(no output)")
+            if result.returncode:
+                print(f"(exit code {result.returncode})")
+            if result.returncode != expect:
+                raise HarnessError(f"ctr {shlex.join(args)} exited {result.returncode}")
+
+        init = ["sleep", "100000"]
+        create_args = ["--runtime", runtime, ctrd.image, "demo", *init]
+        step("container: metadata only", "containers", "create", *create_args)
+        step("no task yet", "tasks", "ls")
+        with ctrd.events() as events:
+            step("start the task (shim creates and starts it)", "tasks", "start", "-d", "demo")
+            step("task state", "tasks", "ls")
+            script = "echo hello from an exec; echo to stderr >&2; exit 5"
+            exec_args = ["--exec-id", "hello", "demo", "sh", "-c", script]
+            step("exec a process (exit code 5)", "tasks", "exec", *exec_args, expect=5)
+            step("pause", "tasks", "pause", "demo")
+            step("task state", "tasks", "ls")
+            step("resume", "tasks", "resume", "demo")
+            step("task state", "tasks", "ls")
+            step("kill the init with SIGKILL", "tasks", "kill", "--signal", "SIGKILL", "demo")
+            exit_event = events.wait_for("/tasks/exit", '"id":"demo"', timeout=30)
+            step("task state", "tasks", "ls")
+            step("delete the task", "tasks", "delete", "demo")
+        print(f"\n## exit event\n{exit_event}")
+        step("delete the container", "containers", "delete", "demo")
+        print("\n## events seen\n" + "\n".join(events.topics()))
+    print("\n# containerd stopped, temp dir removed")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="pyshim demo on a private containerd")
+    parser.add_argument("--runtime", default=PYRUNC_RUNTIME)
+    parser.add_argument("--containerd", default=os.environ.get("PYSHIM_CONTAINERD", "1.6"))
+    options = parser.parse_args()
+    try:
+        sys.exit(demo(options.runtime, options.containerd))
+    except HarnessError as error:
+        print(f"demo: {error}", file=sys.stderr)
+        sys.exit(1)
