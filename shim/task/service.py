@@ -41,7 +41,7 @@ from shim.ttrpc.server import CallContext
 
 log = logging.getLogger(__name__)
 
-OUTPUT_DRAIN_TIMEOUT = 2.0  # how long Delete waits for the last output to be copied
+OUTPUT_DRAIN_TIMEOUT = 2.0  # how long an exit waits for the last output to be copied
 EXIT_PUBLISH_TIMEOUT = 2.0  # how long Delete waits for the exit event to reach containerd
 EXEC_EXIT_GRACE = 10.0  # how long an init's exit waits for its execs' exits to go first
 PROCESS_DETAILS_URL = "containerd.runc.v1.ProcessDetails"
@@ -157,6 +157,10 @@ class TaskService:
         async with process.lock:  # the start event of this process is queued first
             if process.is_init:
                 await self._before_init_exit(container)
+            if process.io is not None:
+                # Whoever learns of the exit (Wait, the event) may stop reading at once: the
+                # last output must already be in the client's FIFO by then.
+                await process.io.wait_output(OUTPUT_DRAIN_TIMEOUT)
             process.set_exited(exit)
             if process.status is Status.DELETED:
                 return
@@ -382,8 +386,6 @@ class TaskService:
         container = self._container(request.id)
         process = container.process(request.exec_id)
         process.require("delete", Status.CREATED, Status.STOPPED)
-        if process.io is not None:
-            await process.io.wait_output(OUTPUT_DRAIN_TIMEOUT)
         if process.is_init:
             await self._delete_container(container)
         else:

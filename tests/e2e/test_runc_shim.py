@@ -153,17 +153,16 @@ def test_twenty_concurrent_execs(containerd: PrivateContainerd) -> None:
     run_detached(containerd, "conc", "sleep", "1000")
 
     def exec_one(n: int) -> tuple[int, str]:
-        result = containerd.ctr(
-            "tasks",
-            "exec",
-            "--exec-id",
-            f"x{n}",
-            "conc",
-            "sh",
-            "-c",
-            f"echo {n}; exit {n}",
-            check=False,
-        )
+        expected = f"{n}\n"
+        for attempt in range(2):
+            result = containerd.ctr(
+                "tasks", "exec", "--exec-id", f"x{n}-{attempt}", "conc",
+                "sh", "-c", f"echo {n}; exit {n}", check=False,
+            )  # fmt: skip
+            # ctr 1.6/1.7 can drop a whole exec's output under load, with the Go shim too
+            # (PROTOCOL Q0, containerd#8643): one retry, and only for an intact prefix.
+            if result.stdout == expected or not expected.startswith(result.stdout):
+                break
         return result.returncode, result.stdout
 
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
