@@ -16,6 +16,8 @@ ENTRY_POINT_GROUP = "pyshim.runtimes"
 # Built-ins skip the entry-point scan, which costs milliseconds on every shim start.
 _BUILTIN = {
     "pyrunc": "shim.runtimes.runc:RuncRuntime",
+    "pyrunsc": "shim.runtimes.runsc:RunscRuntime",
+    "pywasm": "shim.runtimes.wasm:WasmRuntime",
 }
 
 

@@ -1,19 +1,65 @@
-"""Builds shim.sys._native: the few syscalls the standard library lacks."""
+"""Builds shim.sys._native: the few syscalls the standard library lacks.
 
-from cffi import FFI
+Call the functions through `shim.sys._native.lib`; on failure they return -1 and leave the
+cause in `shim.sys._native.ffi.errno`.
+"""
+
+from cffi import FFI  # type: ignore[import-untyped]
 
 ffibuilder = FFI()
 ffibuilder.cdef(
     """
     int pyshim_set_child_subreaper(void);
+    int pyshim_clear_child_subreaper(void);
+    int pyshim_is_child_subreaper(void);
+
+    #define MS_RDONLY ...
+    #define MS_NOSUID ...
+    #define MS_NODEV ...
+    #define MS_NOEXEC ...
+    #define MS_SYNCHRONOUS ...
+    #define MS_REMOUNT ...
+    #define MS_MANDLOCK ...
+    #define MS_DIRSYNC ...
+    #define MS_NOATIME ...
+    #define MS_NODIRATIME ...
+    #define MS_BIND ...
+    #define MS_REC ...
+    #define MS_RELATIME ...
+    #define MS_STRICTATIME ...
+    #define MNT_DETACH ...
+    int mount(const char *source, const char *target, const char *filesystemtype,
+              unsigned long mountflags, const char *data);
+    int umount2(const char *target, int flags);
+
+    #define IN_NONBLOCK ...
+    #define IN_CLOEXEC ...
+    #define IN_MODIFY ...
+    #define IN_IGNORED ...
+    int inotify_init1(int flags);
+    int inotify_add_watch(int fd, const char *pathname, uint32_t mask);
+    int inotify_rm_watch(int fd, int wd);
     """
 )
 ffibuilder.set_source(
     "shim.sys._native",
     """
+    #include <sys/inotify.h>
+    #include <sys/mount.h>
     #include <sys/prctl.h>
 
     int pyshim_set_child_subreaper(void) { return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); }
+
+    int pyshim_clear_child_subreaper(void) { return prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0); }
+
+    /* 1 or 0, or -1 with errno set. */
+    int pyshim_is_child_subreaper(void)
+    {
+        int value = 0;
+        if (prctl(PR_GET_CHILD_SUBREAPER, (unsigned long)&value, 0, 0, 0) != 0)
+            return -1;
+        return value != 0;
+    }
     """,
 )
 

@@ -1,0 +1,176 @@
+"""Mounting a container's rootfs from containerd's Mount list, and unmounting it (PROTOCOL J)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from shim.sys._native import lib
+from shim.sys.native import last_error
+
+# fstab option -> (clears the flag, flag); every other option goes to the data string.
+_OPTION_FLAGS: dict[str, tuple[bool, int]] = {
+    "async": (True, lib.MS_SYNCHRONOUS),
+    "atime": (True, lib.MS_NOATIME),
+    "bind": (False, lib.MS_BIND),
+    "dev": (True, lib.MS_NODEV),
+    "diratime": (True, lib.MS_NODIRATIME),
+    "dirsync": (False, lib.MS_DIRSYNC),
+    "exec": (True, lib.MS_NOEXEC),
+    "mand": (False, lib.MS_MANDLOCK),
+    "noatime": (False, lib.MS_NOATIME),
+    "nodev": (False, lib.MS_NODEV),
+    "nodiratime": (False, lib.MS_NODIRATIME),
+    "noexec": (False, lib.MS_NOEXEC),
+    "nomand": (True, lib.MS_MANDLOCK),
+    "norelatime": (True, lib.MS_RELATIME),
+    "nostrictatime": (True, lib.MS_STRICTATIME),
+    "nosuid": (False, lib.MS_NOSUID),
+    "rbind": (False, lib.MS_BIND | lib.MS_REC),
+    "relatime": (False, lib.MS_RELATIME),
+    "remount": (False, lib.MS_REMOUNT),
+    "ro": (False, lib.MS_RDONLY),
+    "rw": (True, lib.MS_RDONLY),
+    "strictatime": (False, lib.MS_STRICTATIME),
+    "suid": (True, lib.MS_NOSUID),
+    "sync": (False, lib.MS_SYNCHRONOUS),
+}
+
+# The kernel copies at most one page of mount data (and silently cuts the rest).
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# Like containerd, shorten overlay lowerdirs a little before the hard limit.
+_OVERLAY_COMPACT_AT = _PAGE_SIZE - 512
+
+_UNMOUNT_BUSY_RETRIES = 50
+_UNMOUNT_BUSY_DELAY = 0.05
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    type: str
+    source: str
+    target: str  # relative to the rootfs; empty (containerd 1.6) = the rootfs itself
+    options: Sequence[str]
+
+
+def parse_options(options: Sequence[str]) -> tuple[int, str]:
+    """fstab-style options -> (mount flags, data string), as containerd splits them."""
+    flags = 0
+    data = []
+    for option in options:
+        known = _OPTION_FLAGS.get(option)
+        if known is None:
+            data.append(option)
+        elif known[0]:
+            flags &= ~known[1]
+        else:
+            flags |= known[1]
+    return flags, ",".join(data)
+
+
+def mount_rootfs(mounts: Sequence[MountSpec], rootfs: str) -> None:
+    """Apply `mounts` in order onto `rootfs`; on failure undo them all and raise OSError."""
+    mounted: list[str] = []
+    try:
+        for spec in mounts:
+            _mount(spec, _target_in(rootfs, spec), mounted)
+    except OSError:
+        # Lazy detach: a failed rbind may have left submounts that make a plain umount EBUSY.
+        for target in reversed(mounted):
+            with contextlib.suppress(OSError):
+                _umount2(target, lib.MNT_DETACH)
+        raise
+
+
+def unmount_all(target: str) -> None:
+    """Unmount everything stacked on `target`; a missing target is fine."""
+    if not os.path.exists(target):
+        return
+    while True:
+        try:
+            _unmount_retrying_busy(target)
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # not a mount point (any more)
+                return
+            raise
+
+
+def _mount(spec: MountSpec, target: str, mounted: list[str]) -> None:
+    if spec.type.startswith(("fuse.", "fuse3.")) or "loop" in spec.options:
+        raise OSError(errno.ENOTSUP, f"{_describe(spec, target)}: fuse and loop are not supported")
+    flags, data = parse_options(spec.options)
+    # A remount without new data changes flags only; mount(2) with the data would fail.
+    if not flags & lib.MS_REMOUNT or data:
+        with _short_overlay_data(spec.type, data) as short_data:
+            if len(short_data) >= _PAGE_SIZE:
+                raise OSError(errno.E2BIG, f"{_describe(spec, target)}: options too long")
+            _sys_mount(spec, spec.source, target, spec.type, flags, short_data)
+        mounted.append(target)
+    read_only_bind = lib.MS_BIND | lib.MS_RDONLY
+    if flags & read_only_bind == read_only_bind:
+        # MS_RDONLY is ignored when creating a bind mount; it only takes effect on a remount.
+        _sys_mount(spec, "", target, "", flags | lib.MS_REMOUNT, "")
+
+
+def _target_in(rootfs: str, spec: MountSpec) -> str:
+    if not spec.target:
+        return rootfs
+    root = os.path.realpath(rootfs)
+    target = os.path.realpath(os.path.join(root, spec.target.lstrip("/")))
+    if os.path.commonpath([root, target]) != root:
+        raise OSError(errno.EINVAL, f"{_describe(spec, target)}: target escapes rootfs {rootfs}")
+    return target
+
+
+@contextlib.contextmanager
+def _short_overlay_data(fs_type: str, data: str) -> Iterator[str]:
+    """Overlay data with the lowerdirs' common directory replaced by a /proc/self/fd link
+    while the mount runs: many image layers make `lowerdir=` longer than a page."""
+    options = data.split(",")
+    lower = next((i for i, o in enumerate(options) if o.startswith("lowerdir=")), None)
+    if fs_type != "overlay" or len(data) < _OVERLAY_COMPACT_AT or lower is None:
+        yield data
+        return
+    dirs = options[lower].removeprefix("lowerdir=").split(":")
+    common = os.path.commonpath(dirs)
+    fd = os.open(common, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        link = f"/proc/self/fd/{fd}"
+        options[lower] = "lowerdir=" + ":".join(
+            os.path.join(link, os.path.relpath(d, common)) for d in dirs
+        )
+        yield ",".join(options)
+    finally:
+        os.close(fd)
+
+
+def _sys_mount(
+    spec: MountSpec, source: str, target: str, fs_type: str, flags: int, data: str
+) -> None:
+    if lib.mount(os.fsencode(source), os.fsencode(target), fs_type.encode(), flags, data.encode()):
+        raise last_error(_describe(spec, target))
+
+
+def _describe(spec: MountSpec, target: str) -> str:
+    return f"mount {spec.type} {spec.source} on {target} ({','.join(spec.options)})"
+
+
+def _unmount_retrying_busy(target: str) -> None:
+    for _ in range(_UNMOUNT_BUSY_RETRIES):
+        try:
+            _umount2(target, 0)
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+        time.sleep(_UNMOUNT_BUSY_DELAY)
+    raise OSError(errno.EBUSY, f"unmount {target}: still busy after {_UNMOUNT_BUSY_RETRIES} tries")
+
+
+def _umount2(target: str, flags: int) -> None:
+    if lib.umount2(os.fsencode(target), flags):
+        raise last_error(f"unmount {target}")
