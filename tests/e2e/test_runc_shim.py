@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import fcntl
 import hashlib
@@ -16,7 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+from google.protobuf.any_pb2 import Any as AnyProto
+from google.protobuf.empty_pb2 import Empty
 from harness import PrivateContainerd, wait_until
+
+from shim.api.task.v2 import shim_pb2 as api
+from shim.sys.cgroups import Cgroup
+from shim.ttrpc.client import Client
 
 RUNTIME = "io.containerd.pyrunc.v1"
 
@@ -397,3 +404,28 @@ def test_twenty_run_rm_in_parallel(containerd: PrivateContainerd) -> None:
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         results = list(pool.map(run_one, range(20)))
     assert results == [(0, f"{n}\n") for n in range(20)]
+
+
+def test_update_changes_the_memory_limit(containerd: PrivateContainerd) -> None:
+    # ctr 1.6 has no `tasks update`: send Update to the shim the way containerd does.
+    run_detached(containerd, "upd", "sleep", "1000")
+    address = (containerd.bundle("upd") / "address").read_text().removeprefix("unix://")
+    limit = 48 * 1024 * 1024
+    resources = AnyProto(
+        type_url="types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+        value=json.dumps({"memory": {"limit": limit}}).encode(),
+    )
+
+    async def update() -> None:
+        client = await Client.connect(address)
+        try:
+            request = api.UpdateTaskRequest(id="upd", resources=resources)
+            await client.call("containerd.task.v2.Task", "Update", request, Empty, timeout=10)
+        finally:
+            await client.close()
+
+    asyncio.run(update())
+    cgroup = Cgroup.for_pid(task_pid(containerd, "upd"))
+    limit_file = "memory.limit_in_bytes" if cgroup.version == 1 else "memory.max"
+    assert int(Path(cgroup.path("memory"), limit_file).read_text()) == limit
+    kill_and_delete(containerd, "upd")
