@@ -7,6 +7,7 @@ the order of events. Backends (shim.runtimes) only run processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -272,7 +273,13 @@ class TaskService:
             )
             backend = self._runtime.container(config)
             container = TaskContainer(request.id, bundle, backend, init, rootfs)
-            launched = await backend.create()
+            try:
+                launched = await backend.create()
+            except BaseException:
+                # Cancelled or failed half-way: the runtime may hold a container already.
+                with contextlib.suppress(Exception):
+                    await backend.delete(force=True)
+                raise
         except BaseException:
             if init.io is not None:
                 await init.io.close()
