@@ -107,6 +107,26 @@ class Cgroup:
         dirs = {c: _join(v1_mounts[c], paths[c]) for c in v1_controllers if c in v1_mounts}
         return cls(1, dirs)
 
+    @classmethod
+    def at(cls, path: str) -> Cgroup:
+        """The cgroup at hierarchy path `path` (v1: in each mounted controller's hierarchy),
+        whether or not its directories exist yet."""
+        with open("/proc/self/mountinfo") as f:
+            v1_mounts, unified_mount = _cgroup_mounts(f.read())
+        with open("/proc/cgroups") as f:  # subsys_name hierarchy num_cgroups enabled
+            rows = [line.split() for line in f if not line.startswith("#")]
+        controllers = [row[0] for row in rows if row[1] != "0" and row[3] == "1"]
+        dirs = {c: _join(v1_mounts[c], path) for c in controllers if c in v1_mounts}
+        if dirs:
+            return cls(1, dirs)
+        if unified_mount is None:
+            raise FileNotFoundError("no cgroup filesystem mounted")
+        return cls(2, {"": _join(unified_mount, path)})
+
+    def directories(self) -> list[str]:
+        """Every directory of this cgroup (v1: one per controller hierarchy)."""
+        return list(dict.fromkeys(self._dirs.values()))
+
     def path(self, controller: str) -> str:
         """The directory holding `controller`'s files (v2: the one directory)."""
         try:

@@ -1,0 +1,328 @@
+"""The WebAssembly backend: WASI modules from ordinary OCI images, run on wasmtime.
+
+Each process (init or exec) is a child of the shim running ``shim.wasm.runner``, placed in the
+container's cgroup, so Kill, Pause/Resume, Pids, Stats and Update act on it like on a Linux
+container. The daemon itself never imports wasmtime: compilation happens in the child, and a
+stuck or crashing module takes only its own process down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from shim.runtimes.base import Container, ContainerConfig, Launched, ProcessStdio, Runtime
+from shim.sys.spawn import spawn
+from shim.ttrpc.errors import Code, TtrpcError
+from shim.wasm.cgroup import ContainerCgroup, cgroup_path
+
+log = logging.getLogger(__name__)
+
+WASM_MAGIC = b"\0asm"
+CACHE_DIR_ENV = "PYSHIM_WASM_CACHE"
+DEFAULT_CACHE_DIR = "/var/lib/pyshim/wasm-cache"
+CACHE_MAX_BYTES = 512 * 1024 * 1024
+READY_TIMEOUT = 60.0  # compiling a large module takes seconds; the first start pays it
+DELETE_TIMEOUT = 4.0  # containerd gives a shim's delete 5 s
+INIT_PID_FILE = "init.pid"
+_REPORT_CHUNK = 65536
+
+
+def _load_spec(bundle: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            spec: dict[str, Any] = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise TtrpcError(Code.INVALID_ARGUMENT, f"cannot read the OCI spec: {exc}") from exc
+    return spec
+
+
+def _inside(rootfs: str, path: str) -> str:
+    """`path` (absolute in the container) as a host path, symlinks resolved; it must stay in
+    the rootfs."""
+    real = os.path.realpath(os.path.join(rootfs, path.lstrip("/")))
+    if os.path.commonpath([rootfs, real]) != rootfs:
+        raise TtrpcError(Code.INVALID_ARGUMENT, f"{path} leads outside the container's rootfs")
+    return real
+
+
+def runner_request(process: Mapping[str, Any], rootfs: str, memory_limit: int | None) -> str:
+    """The runner's REQUEST for an OCI Process: checks that args[0] is a wasm module."""
+    args = [str(a) for a in process.get("args") or []]
+    if not args:
+        raise TtrpcError(Code.INVALID_ARGUMENT, "process.args is empty: no module to run")
+    cwd = "/" + str(process.get("cwd") or "/").strip("/")
+    module = _inside(rootfs, os.path.join(cwd, args[0]))
+    try:
+        with open(module, "rb") as f:
+            magic = f.read(len(WASM_MAGIC))
+    except OSError as exc:
+        raise TtrpcError(
+            Code.INVALID_ARGUMENT, f"entrypoint {args[0]}: not in the image: {exc.strerror}"
+        ) from exc
+    if magic != WASM_MAGIC:
+        raise TtrpcError(
+            Code.INVALID_ARGUMENT,
+            f"entrypoint {args[0]} is not a WebAssembly module (no \\0asm header): "
+            "this runtime runs only .wasm programs",
+        )
+    request = {
+        "module": module,
+        "rootfs": rootfs,
+        "cwd": None if cwd == "/" else _inside(rootfs, cwd),
+        "args": args,
+        "env": [str(e) for e in process.get("env") or []],
+        "memory_limit": memory_limit,
+        "cache_dir": os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR,
+        "cache_max_bytes": CACHE_MAX_BYTES,
+    }
+    return json.dumps(request)
+
+
+class _Reports:
+    """The JSON lines a runner writes on its report pipe: logged as they arrive; `ready`
+    resolves to None once the module is ready to run, else to why it never will be."""
+
+    def __init__(self, fd: int, label: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[str | None] = self._loop.create_future()
+        self._fd: int | None = fd
+        self._label = label
+        self._pending = b""
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, self._read)
+
+    def _read(self) -> None:
+        assert self._fd is not None
+        try:
+            chunk = os.read(self._fd, _REPORT_CHUNK)
+        except BlockingIOError:
+            return
+        if not chunk:  # the runner exited
+            self.close()
+            self._resolve("the runner exited before the module was ready")
+            return
+        *lines, self._pending = (self._pending + chunk).split(b"\n")
+        for line in lines:
+            try:
+                self._handle(json.loads(line))
+            except (ValueError, AttributeError):
+                log.warning("%s: unreadable runner report %r", self._label, line)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        if message.get("ready"):
+            self._resolve(None)
+        elif "error" in message:
+            log.error("%s: %s", self._label, message["error"])
+            self._resolve(str(message["error"]))
+        elif "trap" in message:
+            log.warning("%s: wasm trap: %s", self._label, message["trap"])
+        elif "cache" in message:
+            log.info(
+                "%s: module cache %s (%s) in %s s",
+                self._label,
+                message["cache"],
+                message.get("entry"),
+                message.get("seconds"),
+            )
+
+    def _resolve(self, outcome: str | None) -> None:
+        if not self.ready.done():
+            self.ready.set_result(outcome)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+class WasmContainer(Container):
+    def __init__(self, runtime: WasmRuntime, config: ContainerConfig) -> None:
+        self._context = runtime.context
+        self._config = config
+        self._spec: dict[str, Any] = {}
+        self._rootfs = ""
+        self._cgroup: ContainerCgroup | None = None
+        self._init: Launched | None = None
+        self._start_fd: int | None = None  # the init's start pipe, until Start
+        self._children: dict[int, asyncio.Future[Any]] = {}  # every live runner: pid -> exit
+
+    @property
+    def _id(self) -> str:
+        return self._config.id
+
+    def _memory_limit(self) -> int | None:
+        limit = self._spec.get("linux", {}).get("resources", {}).get("memory", {}).get("limit")
+        return int(limit) if limit is not None and int(limit) > 0 else None
+
+    async def create(self) -> Launched | None:
+        if self._config.checkpoint:
+            raise NotImplementedError("restore of a wasm container")
+        self._spec = _load_spec(self._config.bundle)
+        root = self._spec.get("root", {}).get("path") or "rootfs"
+        self._rootfs = os.path.realpath(os.path.join(self._config.bundle, root))
+        process = self._spec.get("process") or {}
+        request = runner_request(process, self._rootfs, self._memory_limit())
+        try:
+            self._cgroup = ContainerCgroup(
+                cgroup_path(self._spec, self._context.namespace, self._id)
+            )
+            self._cgroup.create()
+            self._cgroup.set_resources(self._spec.get("linux", {}).get("resources") or {})
+        except (OSError, ValueError) as exc:
+            raise TtrpcError(Code.UNKNOWN, f"cannot set up the container's cgroup: {exc}") from exc
+        self._init, self._start_fd = await self._launch(self._id, request, self._config.stdio)
+        pid_file = os.path.join(self._config.bundle, INIT_PID_FILE)
+        with open(os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(str(self._init.pid))
+        return self._init
+
+    async def _launch(self, label: str, request: str, stdio: ProcessStdio) -> tuple[Launched, int]:
+        """Start a runner in the cgroup and wait until its module is loaded; returns it and
+        the write end of its start pipe."""
+        assert self._cgroup is not None
+        report_read, report_write = os.pipe()
+        start_read, start_write = os.pipe()
+        master = None
+        with contextlib.ExitStack() as child_ends:
+            for fd in (report_write, start_read):
+                child_ends.callback(os.close, fd)
+            if stdio.terminal:
+                master, slave = os.openpty()
+                child_ends.callback(os.close, slave)
+                fds = {0: slave, 1: slave, 2: slave}
+            else:
+                given = (stdio.stdin, stdio.stdout, stdio.stderr)
+                fds = {target: fd for target, fd in enumerate(given) if fd is not None}
+            argv = [sys.executable, "-I", "-m", "shim.wasm.runner", request]
+            pid, exited = spawn(
+                self._context.reaper, argv, fds={**fds, 3: report_write, 4: start_read}
+            )
+        self._children[pid] = exited
+        exited.add_done_callback(lambda _: self._children.pop(pid, None))
+        reports = _Reports(report_read, label)
+        try:
+            try:
+                self._cgroup.add(pid)
+                problem = await asyncio.wait_for(reports.ready, READY_TIMEOUT)
+            except OSError as exc:
+                problem = f"cannot join the container's cgroup: {exc}"
+            except TimeoutError:
+                problem = f"not loaded within {READY_TIMEOUT} s"
+            if problem is not None:
+                raise TtrpcError(Code.UNKNOWN, f"wasm module failed to load: {problem}")
+        except BaseException:  # cancelled too: nothing may outlive a failed create or exec
+            self._abandon(pid, exited, start_write, master, reports)
+            raise
+        return Launched(pid=pid, exited=exited, console_master=master), start_write
+
+    @staticmethod
+    def _abandon(
+        pid: int, exited: asyncio.Future[Any], start: int, master: int | None, reports: _Reports
+    ) -> None:
+        if not exited.done():  # the pid is ours until reaped: no reuse race
+            os.kill(pid, signal.SIGKILL)
+        for fd in (start, master):
+            if fd is not None:
+                os.close(fd)
+        reports.close()
+
+    async def start(self) -> Launched | None:
+        if self._start_fd is not None:
+            with contextlib.suppress(BrokenPipeError):  # died already: its exit is reported
+                os.write(self._start_fd, b"\1")
+            os.close(self._start_fd)
+            self._start_fd = None
+        return None
+
+    async def exec(self, exec_id: str, process: Mapping[str, Any], stdio: ProcessStdio) -> Launched:
+        request = runner_request(process, self._rootfs, self._memory_limit())
+        launched, start = await self._launch(f"{self._id}/{exec_id}", request, stdio)
+        with contextlib.suppress(BrokenPipeError):
+            os.write(start, b"\1")
+        os.close(start)
+        return launched
+
+    async def kill(self, signal: int, all_processes: bool) -> None:
+        if self._init is None or self._init.exited.done():
+            raise TtrpcError(Code.NOT_FOUND, "process already finished: not found")
+        if all_processes and self._cgroup is not None:
+            self._cgroup.signal_all(signal)
+        else:
+            os.kill(self._init.pid, signal)
+
+    async def delete(self, force: bool = False) -> None:
+        if self._start_fd is not None:  # never started: the runner exits on the closed pipe
+            os.close(self._start_fd)
+            self._start_fd = None
+        if self._cgroup is not None:
+            self._cgroup.kill_all()
+        for pid, exited in list(self._children.items()):
+            if not exited.done():
+                os.kill(pid, signal.SIGKILL)
+        if self._children:
+            await asyncio.wait(list(self._children.values()), timeout=DELETE_TIMEOUT)
+        if self._cgroup is not None:
+            try:
+                self._cgroup.remove()
+            except OSError as exc:
+                raise TtrpcError(Code.UNKNOWN, f"cannot remove the cgroup: {exc}") from exc
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self._config.bundle, INIT_PID_FILE))
+
+    def _require_cgroup(self) -> ContainerCgroup:
+        if self._cgroup is None:
+            raise TtrpcError(Code.FAILED_PRECONDITION, "the container has no cgroup yet")
+        return self._cgroup
+
+    async def pause(self) -> None:
+        await self._require_cgroup().set_frozen(True)
+
+    async def resume(self) -> None:
+        await self._require_cgroup().set_frozen(False)
+
+    async def pids(self) -> Sequence[int]:
+        return self._require_cgroup().pids()
+
+    async def update(self, resources: Mapping[str, Any]) -> None:
+        try:
+            self._require_cgroup().set_resources(resources)
+        except OSError as exc:
+            raise TtrpcError(Code.UNKNOWN, f"cannot update the cgroup: {exc}") from exc
+
+    async def stats(self) -> Any:
+        try:
+            return self._require_cgroup().cgroup.stats()
+        except OSError as exc:
+            raise TtrpcError(Code.NOT_FOUND, f"cgroup does not exist: {exc}") from exc
+
+    async def on_init_exit(self) -> None:
+        # Like a container's pid namespace ending: execs do not outlive the init.
+        if self._cgroup is not None:
+            self._cgroup.signal_all(signal.SIGKILL)
+
+
+class WasmRuntime(Runtime):
+    def container(self, config: ContainerConfig) -> Container:
+        return WasmContainer(self, config)
+
+    @classmethod
+    def cleanup(cls, namespace: str, bundle: str, container_id: str) -> int:
+        try:
+            spec = _load_spec(bundle)
+            ContainerCgroup(cgroup_path(spec, namespace, container_id)).remove()
+        except (TtrpcError, OSError, ValueError) as exc:
+            log.warning("%s: cgroup cleanup: %s", container_id, exc)
+        try:
+            with open(os.path.join(bundle, INIT_PID_FILE)) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return 0

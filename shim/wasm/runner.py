@@ -1,0 +1,96 @@
+"""The child process that runs one wasm module: ``python -I -m shim.wasm.runner REQUEST``.
+
+The shim starts it with the process's stdio on fds 0-2, a report pipe on fd 3 and a start pipe
+on fd 4. It compiles (or loads from the cache) and instantiates the module, reports "ready",
+and runs the module only when the shim writes to the start pipe: by then it is in the
+container's cgroup and containerd has asked for Start. Its exit code is the module's.
+
+REQUEST is JSON: module and rootfs (host paths), cwd (a host directory inside the rootfs, or
+null for "/"), args, env, memory_limit, cache_dir, cache_max_bytes. Reports are JSON lines
+on fd 3; the shim logs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import wasmtime
+
+from shim.wasm.cache import ModuleCache
+
+REPORT_FD = 3
+START_FD = 4
+# What `wasmtime run` exits with on a trap: 128 + SIGABRT, as if the program had aborted.
+TRAP_EXIT = 134
+FAILED_EXIT = 125  # the module never ran
+
+
+def report(**message: Any) -> None:
+    os.write(REPORT_FD, (json.dumps(message) + "\n").encode())
+
+
+def main(argv: list[str]) -> int:
+    # A module in a loop never returns to the interpreter: SIGINT must act like on a native
+    # process instead of waiting for a KeyboardInterrupt that never comes.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    request = json.loads(argv[1])
+    try:
+        engine = wasmtime.Engine()
+        started = time.monotonic()
+        cache = ModuleCache(request["cache_dir"], request["cache_max_bytes"])
+        loaded = cache.load(engine, request["module"])
+        report(
+            cache="hit" if loaded.hit else "miss",
+            entry=loaded.entry,
+            seconds=round(time.monotonic() - started, 4),
+        )
+        store = wasmtime.Store(engine)
+        store.set_wasi(_wasi_config(wasmtime.WasiConfig(), request))
+        if request["memory_limit"] is not None:
+            # Growth past the limit fails inside the module (malloc returns NULL) rather than
+            # the cgroup's OOM killer ending the whole process.
+            store.set_limits(memory_size=request["memory_limit"])
+        linker = wasmtime.Linker(engine)
+        linker.define_wasi()
+        instance = linker.instantiate(store, loaded.module)
+        entry = instance.exports(store).get("_start")
+        if not isinstance(entry, wasmtime.Func):
+            raise ValueError("the module exports no _start function (not a WASI command)")
+    except (OSError, ValueError, wasmtime.WasmtimeError) as exc:
+        report(error=str(exc))
+        return FAILED_EXIT
+    report(ready=True)
+    if not os.read(START_FD, 1):
+        return FAILED_EXIT  # the shim gave up on this process before starting it
+    try:
+        entry(store)
+    except wasmtime.ExitTrap as exit_trap:
+        return exit_trap.code
+    except (wasmtime.Trap, wasmtime.WasmtimeError) as trap:
+        report(trap=str(trap))
+        return TRAP_EXIT
+    return 0
+
+
+def _wasi_config(config: wasmtime.WasiConfig, request: dict[str, Any]) -> wasmtime.WasiConfig:
+    config.argv = request["args"]
+    config.env = [tuple(item.split("=", 1)) for item in request["env"] if "=" in item]
+    config.inherit_stdin()
+    config.inherit_stdout()
+    config.inherit_stderr()
+    config.preopen_dir(request["rootfs"], "/")
+    if request["cwd"] is not None:
+        # WASI has no working directory; libc resolves relative paths against a "." preopen.
+        config.preopen_dir(request["cwd"], ".")
+    return config
+
+
+if __name__ == "__main__":
+    code = main(sys.argv)
+    # Skip interpreter teardown: it only adds latency to every container exit.
+    os._exit(code)

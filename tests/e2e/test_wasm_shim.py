@@ -1,0 +1,296 @@
+"""containerd-shim-pywasm-v1 end to end: WASI programs built here from C, packed into an OCI
+image, run by a private containerd through our shim."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import REPO, HarnessError, PrivateContainerd, run, unusable_reason, wait_until
+
+RUNTIME = "io.containerd.pywasm.v1"
+IMAGE = "localhost/pyshim/wasm-tests:latest"
+SOURCES = Path(__file__).parent / "wasm"
+WASI_SYSROOT = Path("/usr/include/wasm32-wasi")
+GREETING = "greetings from the rootfs\n"
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def build_programs(out: Path) -> list[str]:
+    """Compile every tests/e2e/wasm/*.c to out/<name>.wasm; `--add` arguments for the image."""
+    adds = []
+    for source in sorted(SOURCES.glob("*.c")):
+        target = out / f"{source.stem}.wasm"
+        argv = ["clang", "--target=wasm32-wasi", "-O2", "-Wall", "-Werror", "-Wl,--strip-all"]
+        run([*argv, "-o", str(target), str(source)], timeout=60)
+        adds.append(f"--add=/{target.name}={target}")
+    return adds
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the programs, the image and the shims' module cache go."""
+    return tmp_path_factory.mktemp("wasm")
+
+
+@pytest.fixture(scope="module")
+def containerd(work: Path) -> Iterator[PrivateContainerd]:
+    """A private containerd of our own, so that the shims it starts use an empty module cache
+    (PYSHIM_WASM_CACHE) that this module can look into; with the test image imported."""
+    reason = unusable_reason()
+    if reason:
+        pytest.skip(reason)
+    if shutil.which("clang") is None or not WASI_SYSROOT.is_dir():
+        pytest.skip("clang with wasi-libc is not installed (scripts/setup installs them)")
+    greeting = work / "greeting.txt"
+    greeting.write_text(GREETING)
+    image = work / "wasm-tests.tar"
+    build = [str(REPO / "scripts" / "build-image"), "--ref", IMAGE, "--cmd", "/hello.wasm"]
+    build += [*build_programs(work), f"--add=/data/greeting.txt={greeting}", str(image)]
+    run(build, timeout=60)
+    version = os.environ.get("PYSHIM_CONTAINERD", "1.6")
+    env = {"PYSHIM_WASM_CACHE": str(work / "cache")}
+    try:
+        with PrivateContainerd(version=version, runtime=RUNTIME, env=env) as private:
+            private.ctr("images", "import", str(image), timeout=120)
+            yield private
+    except HarnessError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+def wasm_run(
+    containerd: PrivateContainerd, name: str, *command: str, flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """`ctr run --rm [flags] <test image> name command...`."""
+    argv = ["run", "--rm", "--runtime", RUNTIME, *flags, IMAGE, name, *command]
+    return containerd.ctr(*argv, check=False, timeout=60)
+
+
+def run_detached(containerd: PrivateContainerd, name: str, *command: str) -> None:
+    containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, name, *command)
+
+
+def task_status(containerd: PrivateContainerd, container_id: str) -> str:
+    for line in containerd.ctr("tasks", "ls").stdout.splitlines()[1:]:
+        task_id, _pid, status = line.split()[:3]
+        if task_id == container_id:
+            return status
+    return "absent"
+
+
+def remove(containerd: PrivateContainerd, name: str) -> None:
+    containerd.ctr("tasks", "kill", "--signal", "SIGKILL", name, check=False)
+    assert wait_until(lambda: task_status(containerd, name) in ("STOPPED", "absent"), timeout=10)
+    containerd.ctr("tasks", "delete", name, check=False)
+    containerd.ctr("containers", "delete", name, check=False)
+
+
+def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainerd) -> None:
+    hello = wasm_run(containerd, "hello", "/hello.wasm")
+    assert (hello.returncode, hello.stdout) == (0, "hello from wasm\n"), hello.stderr
+
+    exited = wasm_run(containerd, "exit7", "/exit.wasm", "7")
+    assert exited.returncode == 7, exited.stderr
+    assert not containerd.bundle("exit7").exists()
+
+
+def test_argv_and_env_reach_the_module(containerd: PrivateContainerd) -> None:
+    result = wasm_run(
+        containerd, "echo", "/echo.wasm", "a b", "c", flags=("--env", "GREETING=hi there")
+    )
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["arg /echo.wasm", "arg a b", "arg c"]
+    assert "env GREETING=hi there" in lines
+
+
+def test_reads_rootfs_files_relative_to_cwd(containerd: PrivateContainerd) -> None:
+    result = wasm_run(containerd, "readfile", "/cat.wasm", "greeting.txt", flags=("--cwd", "/data"))
+
+    assert (result.returncode, result.stdout) == (0, GREETING), result.stderr
+
+
+def test_nothing_outside_the_rootfs_is_reachable(containerd: PrivateContainerd) -> None:
+    # config.json sits next to the rootfs in the bundle: one level up from "/".
+    paths = ["/../config.json", "../config.json", "/data/../../config.json", "/etc/hostname"]
+    result = wasm_run(containerd, "escape", "/escape.wasm", *paths, "/data/greeting.txt")
+
+    assert result.returncode == 1, result.stdout  # only the rootfs file opened
+    assert "/data/greeting.txt: opened" in result.stdout
+    for path in paths:
+        assert f"{path}: opened" not in result.stdout
+
+
+def test_stdin_reaches_the_module(containerd: PrivateContainerd) -> None:
+    # ctr 1.6 never closes stdin that hit EOF before the task existed (PROTOCOL Q0): feed it
+    # once the task runs.
+    command = ("run", "--rm", "--runtime", RUNTIME, IMAGE, "stdin", "/cat.wasm")
+    ctr = subprocess.Popen(
+        containerd.ctr_command(*command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=containerd.ctr_env,
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: task_status(containerd, "stdin") == "RUNNING", timeout=20)
+        out, err = ctr.communicate(b"line one\nline two\n", timeout=30)
+    finally:
+        ctr.kill()
+        ctr.wait(timeout=10)
+    assert (ctr.returncode, out) == (0, b"line one\nline two\n"), err
+
+
+def test_fifty_megabytes_of_output_arrive(containerd: PrivateContainerd) -> None:
+    command = ("run", "--rm", "--runtime", RUNTIME, IMAGE, "big", "/write.wasm", "50")
+    ctr = subprocess.Popen(
+        containerd.ctr_command(*command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=containerd.ctr_env,
+    )  # fmt: skip
+    out, err = ctr.communicate(timeout=90)
+
+    assert ctr.returncode == 0, err
+    assert len(out) == 50 * 1024 * 1024
+    assert out.count(b"x") == len(out)
+
+
+def test_kill_ends_an_infinite_loop(containerd: PrivateContainerd) -> None:
+    run_detached(containerd, "loop", "/loop.wasm")
+    assert task_status(containerd, "loop") == "RUNNING"
+    with containerd.events() as events:
+        containerd.ctr("tasks", "kill", "loop")  # SIGTERM
+        exit_event = events.wait_for("/tasks/exit", '"container_id":"loop"')
+    assert '"exit_status":143' in exit_event
+    containerd.ctr("tasks", "delete", "loop")
+    containerd.ctr("containers", "delete", "loop")
+
+
+def test_pause_stops_the_loop_and_resume_continues(containerd: PrivateContainerd) -> None:
+    run_detached(containerd, "spin", "/loop.wasm", "/progress")
+    progress = containerd.bundle("spin") / "rootfs" / "progress"
+
+    def rounds() -> int:
+        try:
+            return int(progress.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    assert wait_until(lambda: rounds() > 0, timeout=20)
+    with containerd.events() as events:
+        containerd.ctr("tasks", "pause", "spin")
+        assert task_status(containerd, "spin") == "PAUSED"
+        paused = rounds()
+        time.sleep(0.5)
+        assert rounds() == paused
+        containerd.ctr("tasks", "resume", "spin")
+        assert task_status(containerd, "spin") == "RUNNING"
+        assert wait_until(lambda: rounds() > paused + 2, timeout=20)
+    assert events.topics()[:2] == ["/tasks/paused", "/tasks/resumed"]
+    remove(containerd, "spin")
+
+
+def test_exec_runs_modules_with_their_own_stdio_and_exit_code(
+    containerd: PrivateContainerd,
+) -> None:
+    run_detached(containerd, "host", "/loop.wasm")
+    echoed = containerd.ctr("tasks", "exec", "--exec-id", "e1", "host", "/echo.wasm", "x")
+    assert echoed.stdout.splitlines()[:2] == ["arg /echo.wasm", "arg x"]
+
+    exited = containerd.ctr(
+        "tasks", "exec", "--exec-id", "e2", "host", "/exit.wasm", "5", check=False
+    )
+    assert exited.returncode == 5, exited.stderr
+
+    piped = containerd.ctr("tasks", "exec", "--exec-id", "e3", "host", "/cat.wasm", input="in\n")
+    assert piped.stdout == "in\n"
+    remove(containerd, "host")
+
+
+def test_ps_metrics_and_memory_limit_act_on_the_cgroup(containerd: PrivateContainerd) -> None:
+    limit = 256 * 1024 * 1024
+    containerd.ctr(
+        "run", "-d", "--runtime", RUNTIME, "--memory-limit", str(limit), IMAGE, "measured",
+        "/loop.wasm",
+    )  # fmt: skip
+    pids = containerd.ctr("tasks", "ps", "measured").stdout.splitlines()[1:]
+    init = int(containerd.ctr("tasks", "ls").stdout.split("measured")[1].split()[0])
+    assert [int(line.split()[0]) for line in pids] == [init]
+
+    metrics = json.loads(containerd.ctr("tasks", "metrics", "--format", "json", "measured").stdout)
+    assert metrics["pids"]["current"] >= 1  # threads count too
+    assert metrics["memory"]["usage"]["usage"] > 0
+    assert metrics["memory"]["usage"]["limit"] == limit
+    remove(containerd, "measured")
+
+
+def test_events_in_order_with_ids(containerd: PrivateContainerd) -> None:
+    with containerd.events() as events:
+        run_detached(containerd, "ev", "/loop.wasm")
+        containerd.ctr("tasks", "exec", "--exec-id", "ev-x", "ev", "/exit.wasm", "4", check=False)
+        containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "ev")
+        assert wait_until(lambda: task_status(containerd, "ev") == "STOPPED", timeout=10)
+        containerd.ctr("tasks", "delete", "ev")
+        events.wait_for("/tasks/delete")
+    topics = [t for t in events.topics() if t.startswith("/tasks/")]
+    assert topics == [
+        "/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started",
+        "/tasks/exit", "/tasks/exit", "/tasks/delete",
+    ]  # fmt: skip
+    exec_exit, init_exit = [line for line in events.lines if "/tasks/exit" in line]
+    assert '"id":"ev-x"' in exec_exit and '"exit_status":4' in exec_exit
+    assert '"id":"ev"' in init_exit and '"exit_status":137' in init_exit
+    containerd.ctr("containers", "delete", "ev")
+
+
+def test_non_wasm_image_is_refused_at_create(containerd: PrivateContainerd) -> None:
+    result = containerd.ctr(
+        "run", "--rm", "--runtime", RUNTIME, containerd.image, "linux", "/bin/true", check=False
+    )
+
+    assert result.returncode != 0
+    assert "is not a WebAssembly module" in result.stderr, result.stderr
+    containerd.ctr("containers", "delete", "linux", check=False)
+
+
+def test_trap_and_the_module_cache(containerd: PrivateContainerd, work: Path) -> None:
+    # Nothing else runs trap.wasm: its first start compiles, the second loads the cache entry.
+    before = set((work / "cache").glob("*.cwasm"))
+    first = wasm_run(containerd, "trap1", "/trap.wasm")
+    added = set((work / "cache").glob("*.cwasm")) - before
+    second = wasm_run(containerd, "trap2", "/trap.wasm")
+
+    assert (first.returncode, second.returncode) == (134, 134)
+    assert len(added) == 1
+    log = containerd.log_path.read_text(errors="replace")
+    assert "trap1: module cache miss" in log
+    assert "trap2: module cache hit" in log
+    assert "trap2: wasm trap:" in log and "unreachable" in log
+
+
+def test_run_with_terminal(containerd: PrivateContainerd) -> None:
+    pid, master = pty.fork()
+    if pid == 0:
+        argv = containerd.ctr_command("run", "-t", "--rm", "--runtime", RUNTIME, IMAGE, "tty")
+        os.execve(argv[0], [*argv, "/echo.wasm", "on a tty"], containerd.ctr_env)
+    output = b""
+    try:
+        while select.select([master], [], [], 30)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: ctr exited and closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(master)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, output
+    assert b"arg on a tty\r" in output  # a pty turns \n into \r\n
