@@ -92,6 +92,11 @@ class Container(ABC):
     async def delete(self, force: bool = False) -> None:
         """Remove the container from the runtime; it has no running process."""
 
+    async def kill_exec(self, exec_id: str, signal: int) -> bool:
+        """Signal a running exec through the runtime, when its host pid is not the process
+        itself (a runsc exec pid only waits for it). False: the service signals the pid."""
+        return False
+
     async def pause(self) -> None:
         raise NotImplementedError("pause")
 
@@ -131,3 +136,9 @@ class Runtime(ABC):
     def cleanup(cls, namespace: str, bundle: str, container_id: str) -> int:
         """The ``delete`` command: tidy up after a dead shim (safe to run twice). Returns the
         init pid, or 0 when it is not known."""
+
+    @classmethod
+    def features(cls, options: Any | None) -> bytes | None:
+        """For ``-info``: the OCI runtime features document (JSON, as ``runc features`` prints
+        it) under these runtime options (a google.protobuf.Any), or None if not known."""
+        return None

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shim.io.console import ConsoleSocket
-from shim.runtimes.base import (
-    CheckpointRequest,
-    Container,
-    ContainerConfig,
-    Launched,
-    ProcessStdio,
-    Runtime,
-)
-from shim.sys.mount import unmount_all
-from shim.sys.spawn import CommandResult, run_command
+from shim.runtimes import oci
+from shim.runtimes.base import CheckpointRequest, Container, ContainerConfig, Runtime
 from shim.ttrpc.errors import Code, TtrpcError
 
 log = logging.getLogger(__name__)
@@ -29,15 +19,12 @@ log = logging.getLogger(__name__)
 OPTIONS_URL = "containerd.runc.v1.Options"
 CHECKPOINT_OPTIONS_URL = "containerd.runc.v1.CheckpointOptions"
 DEFAULT_ROOT = "/run/containerd/runc"
-OPTIONS_FILE = "options.json"
-CONSOLE_TIMEOUT = 10.0
-CLEANUP_TIMEOUT = 4.0  # containerd kills `delete` after 5 s
+FEATURES_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
-class RuncOptions:
-    """The parts of containerd.runc.v1.Options this backend uses; saved in the bundle so that
-    the ``delete`` command finds the same binary and root after the shim is gone."""
+class RuncOptions(oci.CliOptions):
+    """The parts of containerd.runc.v1.Options this backend uses."""
 
     binary_name: str = "runc"
     root: str = DEFAULT_ROOT
@@ -64,135 +51,15 @@ class RuncOptions:
             criu_work_path=decoded.criu_work_path,
         )
 
-    def save(self, bundle: str) -> None:
-        path = os.path.join(bundle, OPTIONS_FILE)
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump(self.__dict__, f)
-
-    @classmethod
-    def load(cls, bundle: str) -> RuncOptions:
-        try:
-            with open(os.path.join(bundle, OPTIONS_FILE)) as f:
-                return cls(**json.load(f))
-        except (OSError, ValueError, TypeError):
-            return cls()
-
-    def global_args(self, namespace: str, bundle: str) -> list[str]:
-        args = [
-            self.binary_name,
-            "--root",
-            os.path.join(self.root, namespace),
-            "--log",
-            os.path.join(bundle, "log.json"),
-            "--log-format",
-            "json",
-        ]
-        if self.systemd_cgroup:
-            args.append("--systemd-cgroup")
-        return args
+    def extra_global_args(self) -> list[str]:
+        return ["--systemd-cgroup"] if self.systemd_cgroup else []
 
 
-def last_runc_error(bundle: str, result: CommandResult | None = None) -> str:
-    """runc's own explanation: the last error in its JSON log, else its stderr."""
-    message = ""
-    with contextlib.suppress(OSError), open(os.path.join(bundle, "log.json"), "rb") as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                if entry.get("level") == "error" and entry.get("msg"):
-                    message = str(entry["msg"])
-    if not message and result is not None:
-        message = (result.stderr or result.stdout).decode(errors="replace").strip()
-    return message or "unknown error"
+class RuncContainer(oci.OciCliContainer):
+    options: RuncOptions
 
-
-def _read_pid(path: str) -> int:
-    with open(path) as f:
-        return int(f.read().strip())
-
-
-@contextlib.contextmanager
-def _stdio_fds(stdio: ProcessStdio) -> Iterator[dict[int, int]]:
-    """runc's stdio: the container's pipes, or /dev/null. Never a pipe of ours: the container
-    would inherit it and we would wait for its EOF forever."""
-    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        yield {
-            0: null if stdio.stdin is None else stdio.stdin,
-            1: null if stdio.stdout is None else stdio.stdout,
-            2: null if stdio.stderr is None else stdio.stderr,
-        }
-    finally:
-        os.close(null)
-
-
-class RuncContainer(Container):
     def __init__(self, runtime: RuncRuntime, config: ContainerConfig) -> None:
-        self._context = runtime.context
-        self._config = config
-        self.options = RuncOptions.from_any(config.options)
-        self.options.save(config.bundle)
-        self._pid = 0
-
-    @property
-    def _id(self) -> str:
-        return self._config.id
-
-    @property
-    def _bundle(self) -> str:
-        return self._config.bundle
-
-    async def _runc(
-        self, *args: str, input: bytes | None = None, fds: Mapping[int, int] | None = None
-    ) -> CommandResult:
-        argv = [*self.options.global_args(self._context.namespace, self._bundle), *args]
-        try:
-            return await run_command(self._context.reaper, argv, input=input, fds=fds)
-        except FileNotFoundError as exc:
-            raise TtrpcError(
-                Code.FAILED_PRECONDITION, f"runtime binary {self.options.binary_name!r} not found"
-            ) from exc
-
-    async def _checked(self, operation: str, *args: str, input: bytes | None = None) -> bytes:
-        result = await self._runc(*args, input=input)
-        if result.status != 0:
-            raise TtrpcError(
-                Code.UNKNOWN,
-                f"OCI runtime {operation} failed: {last_runc_error(self._bundle, result)}",
-            )
-        return result.stdout
-
-    async def _launch(self, args: Sequence[str], stdio: ProcessStdio, pid_file: str) -> Launched:
-        """Run a runc command that leaves a process behind (create, exec, restore)."""
-        console = ConsoleSocket.create() if stdio.terminal else None
-        argv = list(args)
-        if console is not None:
-            argv[1:1] = ["--console-socket", console.path]
-        reaper = self._context.reaper
-        try:
-            with reaper.collect(), _stdio_fds(stdio) as fds:
-                result = await self._runc(*argv, fds=fds)
-                if result.status != 0:
-                    raise TtrpcError(
-                        Code.UNKNOWN,
-                        f"OCI runtime {args[0]} failed: {last_runc_error(self._bundle, result)}",
-                    )
-                pid = _read_pid(pid_file)
-                exited = reaper.watch(pid)
-            master = await console.receive_master(CONSOLE_TIMEOUT) if console else None
-        finally:
-            if console is not None:
-                console.close()
-        return Launched(pid=pid, exited=exited, console_master=master)
-
-    async def create(self) -> Launched | None:
-        if self._config.checkpoint:
-            return None  # restored at Start
-        args = ["create", "--bundle", self._bundle, "--pid-file", self._pid_file("init")]
-        args += self._create_flags()
-        launched = await self._launch([*args, self._id], self._config.stdio, self._pid_file("init"))
-        self._pid = launched.pid
-        return launched
+        super().__init__(runtime, config, RuncOptions.from_any(config.options))
 
     def _create_flags(self) -> list[str]:
         flags = []
@@ -202,71 +69,12 @@ class RuncContainer(Container):
             flags.append("--no-new-keyring")
         return flags
 
-    def _pid_file(self, name: str) -> str:
-        return os.path.join(self._bundle, f"{name}.pid")
-
-    async def start(self) -> Launched | None:
-        if not self._config.checkpoint:
-            await self._checked("start", "start", self._id)
-            return None
+    def _restore_flags(self) -> list[str]:
         work = self.options.criu_work_path or os.path.join(self._bundle, "work")
-        args = ["restore", "--image-path", self._config.checkpoint, "--work-path", work]
+        flags = ["--work-path", work, "--no-subreaper"]
         if self._config.parent_checkpoint:
-            args += ["--parent-path", self._config.parent_checkpoint]
-        args += ["--detach", "--pid-file", self._pid_file("init"), *self._create_flags()]
-        args += ["--no-subreaper", "--bundle", self._bundle, self._id]
-        launched = await self._launch(args, self._config.stdio, self._pid_file("init"))
-        self._pid = launched.pid
-        return launched
-
-    async def exec(self, exec_id: str, process: Mapping[str, Any], stdio: ProcessStdio) -> Launched:
-        spec_path = os.path.join(self._bundle, f".{exec_id}.process.json")
-        with open(os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump(process, f)
-        pid_file = self._pid_file(exec_id)
-        try:
-            args = ["exec", "--process", spec_path, "--detach", "--pid-file", pid_file, self._id]
-            return await self._launch(args, stdio, pid_file)
-        finally:
-            os.unlink(spec_path)
-
-    async def kill(self, signal: int, all_processes: bool) -> None:
-        args = ["kill", *(["--all"] if all_processes else []), self._id, str(signal)]
-        result = await self._runc(*args)
-        if result.status == 0:
-            return
-        message = last_runc_error(self._bundle, result)
-        lowered = message.lower()
-        if any(
-            text in lowered
-            for text in ("not running", "no such process", "already finished", "esrch")
-        ):
-            raise TtrpcError(Code.NOT_FOUND, "process already finished: not found")
-        if "does not exist" in lowered:
-            raise TtrpcError(Code.NOT_FOUND, "no such container: not found")
-        raise TtrpcError(Code.UNKNOWN, f"OCI runtime kill failed: {message}")
-
-    async def delete(self, force: bool = False) -> None:
-        result = await self._runc("delete", *(["--force"] if force else []), self._id)
-        if result.status != 0:
-            message = last_runc_error(self._bundle, result)
-            if "does not exist" not in message:
-                raise TtrpcError(Code.UNKNOWN, f"OCI runtime delete failed: {message}")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._pid_file("init"))
-
-    async def pause(self) -> None:
-        await self._checked("pause", "pause", self._id)
-
-    async def resume(self) -> None:
-        await self._checked("resume", "resume", self._id)
-
-    async def pids(self) -> Sequence[int]:
-        output = await self._checked("ps", "ps", "--format", "json", self._id)
-        try:
-            return [int(pid) for pid in json.loads(output or b"[]")]
-        except (ValueError, TypeError) as exc:
-            raise TtrpcError(Code.UNKNOWN, f"runc ps printed no pid list: {exc}") from exc
+            flags += ["--parent-path", self._config.parent_checkpoint]
+        return flags
 
     async def update(self, resources: Mapping[str, Any]) -> None:
         await self._checked(
@@ -305,7 +113,7 @@ class RuncContainer(Container):
     async def on_init_exit(self) -> None:
         if not self._has_own_pid_namespace():
             # Nobody else would kill what the container left behind in the host's pid namespace.
-            await self._runc("kill", "--all", self._id, "9")
+            await self._cli("kill", "--all", self._id, "9")
 
     def _has_own_pid_namespace(self) -> bool:
         try:
@@ -321,15 +129,16 @@ class RuncRuntime(Runtime):
         return RuncContainer(self, config)
 
     @classmethod
+    def features(cls, options: Any | None) -> bytes | None:
+        argv = [RuncOptions.from_any(options).binary_name, "features"]
+        try:
+            result = subprocess.run(argv, capture_output=True, timeout=FEATURES_TIMEOUT, check=True)
+            json.loads(result.stdout)  # containerd decodes it as JSON
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            log.warning("%s: %s", " ".join(argv), exc)  # e.g. a runtime without `features`
+            return None
+        return result.stdout
+
+    @classmethod
     def cleanup(cls, namespace: str, bundle: str, container_id: str) -> int:
-        options = RuncOptions.load(bundle)
-        argv = [*options.global_args(namespace, bundle), "delete", "--force", container_id]
-        try:
-            subprocess.run(argv, capture_output=True, timeout=CLEANUP_TIMEOUT, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            log.warning("runc delete --force %s: %s", container_id, exc)
-        unmount_all(os.path.join(bundle, "rootfs"))
-        try:
-            return _read_pid(os.path.join(bundle, "init.pid"))
-        except (OSError, ValueError):
-            return 0
+        return oci.cleanup(RuncOptions.load(bundle), namespace, bundle, container_id)

@@ -1,0 +1,72 @@
+"""Checkpoint and restore through the Task API, for the runsc and the runc shim.
+
+The flow is the one ctr 1.6.20 can restore (PROTOCOL P): `ctr containers checkpoint --task`,
+remove the task and container, `ctr containers restore --live`. Both with --rw: gVisor's
+restore looks for the mount points it made in the old rootfs (e.g. /run).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+from harness import PrivateContainerd, wait_until
+from runsc_support import criu_unusable_reason, removing_ctr_fifos, runsc_unusable_reason
+from test_runc_shim import task_status
+
+pytestmark = pytest.mark.timeout(180)
+
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done"
+
+
+def remove(containerd: PrivateContainerd, name: str) -> None:
+    containerd.ctr("tasks", "kill", "--signal", "SIGKILL", name, check=False)
+    wait_until(lambda: task_status(containerd, name) in ("STOPPED", "absent"), timeout=20)
+    containerd.ctr("tasks", "delete", name, check=False)
+    containerd.ctr("containers", "delete", name, check=False)
+
+
+@pytest.mark.parametrize(
+    ("runtime", "unusable_reason"),
+    [
+        ("io.containerd.pyrunsc.v1", runsc_unusable_reason),
+        # runc checkpoints with CRIU, which works only where `criu check` passes.
+        ("io.containerd.pyrunc.v1", criu_unusable_reason),
+    ],
+    ids=["runsc", "runc"],
+)
+def test_restored_counter_goes_on_from_where_it_was(
+    containerd: PrivateContainerd, runtime: str, unusable_reason: Callable[[], str | None]
+) -> None:
+    reason = unusable_reason()
+    if reason:
+        pytest.skip(reason)
+    name = f"ck-{runtime.split('.')[2]}"
+    ref = f"localhost/pyshim-checkpoint/{name}:1"
+
+    def count() -> int:
+        exec_id = f"r{time.monotonic_ns()}"
+        result = containerd.ctr("tasks", "exec", "--exec-id", exec_id, name, "cat", "/tmp/n")
+        return int(result.stdout.strip() or 0)
+
+    containerd.ctr("run", "-d", "--runtime", runtime, containerd.image, name, "sh", "-c", COUNTER)
+    try:
+        assert wait_until(lambda: count() >= 20, timeout=30)
+        before = count()
+        containerd.ctr("containers", "checkpoint", "--task", "--rw", name, ref, timeout=120)
+    finally:
+        remove(containerd, name)
+    try:
+        with removing_ctr_fifos(name):
+            containerd.ctr("containers", "restore", "--live", "--rw", name, ref, timeout=120)
+            try:
+                assert task_status(containerd, name) == "RUNNING"
+                restored = count()
+                # A counter started afresh would be back near 1.
+                assert restored >= before
+                assert wait_until(lambda: count() > restored, timeout=20)
+            finally:
+                remove(containerd, name)
+    finally:
+        containerd.ctr("images", "rm", ref, check=False)
