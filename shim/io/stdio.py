@@ -295,8 +295,21 @@ class ProcessIO:
         if container_stdin is not None:
             self._fds.close(container_stdin)  # the container reads EOF
         elif self._console is not None:
-            # A terminal has no EOF of its own: like the Go shim, hang up the console.
-            self._close_console()
+            self._end_console_input(self._console)
+
+    def _end_console_input(self, console: int) -> None:
+        """Types the terminal's EOF character, as a user pressing ^D would, so that a reading
+        process (`cat`) sees EOF and its output still flows; twice, since with a partial line
+        pending the first only delivers that line. A terminal in raw mode has no EOF: like the
+        Go shim, hang it up."""
+        try:
+            attributes = termios.tcgetattr(console)
+            if attributes[3] & termios.ICANON:
+                os.write(console, attributes[6][termios.VEOF] * 2)
+                return
+        except (OSError, termios.error) as e:  # the slave is gone, or the input queue is full
+            log.debug("%s: cannot type EOF on the console (%s)", self._process_id, e)
+        self._close_console()
 
     def _close_console(self) -> None:
         for pump in self._pumps:

@@ -154,8 +154,35 @@ def test_process_exit_ends_output_and_the_client_sees_eof(tmp_path: Path) -> Non
     assert run(body) == b"last words"
 
 
-def test_stdin_eof_hangs_up_the_console(tmp_path: Path) -> None:
-    """A terminal has no EOF: like the Go shim, the end of stdin closes the console."""
+def test_stdin_eof_types_eof_on_a_canonical_terminal_and_output_still_flows(
+    tmp_path: Path,
+) -> None:
+    async def body(reaper: Reaper) -> tuple[bytes, bytes, bytes]:
+        io, slave, client_in, client_out = await terminal_io(reaper, tmp_path)
+        fresh_master, fresh_slave = os.openpty()  # a new terminal starts in canonical mode
+        termios.tcsetattr(slave, termios.TCSANOW, termios.tcgetattr(fresh_slave))
+        os.close(fresh_master)
+        os.close(fresh_slave)
+        os.write(client_in, b"partial")
+        io.close_stdin()
+        os.close(client_in)
+        os.set_blocking(slave, False)
+        line = await read_until(slave, b"partial")
+        at_eof = await read_until(slave)  # the second EOF character: read() returns 0
+        os.write(slave, b"still shown")
+        shown = await read_until(client_out, b"still shown")
+        os.close(slave)
+        await io.wait_output(5)
+        os.close(client_out)
+        await io.close()
+        return line, at_eof, shown
+
+    # The client sees the terminal's echo of what was typed, then the later output.
+    assert run(body) == (b"partial", b"", b"partialstill shown")
+
+
+def test_stdin_eof_hangs_up_a_raw_console(tmp_path: Path) -> None:
+    """A terminal in raw mode has no EOF: like the Go shim, the end of stdin closes it."""
 
     async def body(reaper: Reaper) -> tuple[bytes, str]:
         io, slave, client_in, client_out = await terminal_io(reaper, tmp_path)

@@ -17,8 +17,11 @@ from shim.sys.reaper import Reaper
 
 pytestmark = pytest.mark.timeout(60)
 
-# Records what it was given, signals ready, then copies fds 3 and 4 into files.
+# Records what it was given, signals ready, then copies fds 3 and 4 into files. It ignores
+# the SIGTERM of ProcessIO.close() (which may come before its copies reach EOF), as a logger
+# that flushes before it exits would.
 RECORDING_LOGGER = """#!/bin/sh
+trap '' TERM
 dir=$(dirname "$0")
 printf '%s\\n' "$@" > "$dir/args"
 tr '\\0' '\\n' < /proc/$$/environ > "$dir/env"
