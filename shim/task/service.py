@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,7 @@ OUTPUT_DRAIN_TIMEOUT = 2.0  # how long an exit waits for the last output to be c
 EXIT_PUBLISH_TIMEOUT = 2.0  # how long Delete waits for the exit event to reach containerd
 EXEC_EXIT_GRACE = 10.0  # how long an init's exit waits for its execs' exits to go first
 PROCESS_DETAILS_URL = "containerd.runc.v1.ProcessDetails"
+VALID_SIGNALS = {0} | {int(s) for s in signal.valid_signals()}  # 0: does it exist?
 
 
 def _timestamp(ns: int | None) -> Timestamp:
@@ -183,6 +185,11 @@ class TaskService:
         except Exception:
             log.exception("cleanup after the init of %s exited", container.id)
         self._oom.remove(container.id)
+        # An exec whose start is in flight (runc exec ran, its pid not yet read) may have died
+        # with the init: let the start finish so that its exit is waited for below.
+        for starting in [p for p in container.execs.values() if p.lock.locked()]:
+            async with starting.lock:
+                pass
         running = [p.exited.wait() for p in container.execs.values() if p.pid and not p.exit]
         if running:  # an exec's exit is published before its init's exit
             done, _ = await asyncio.wait(
@@ -304,7 +311,12 @@ class TaskService:
         init = container.init
         async with init.lock:
             init.require("start", Status.CREATED)
-            launched = await container.backend.start()
+            try:
+                launched = await container.backend.start()
+            except BaseException:
+                if init.pid == 0:  # a deferred launch (restore) failed: Wait must not hang
+                    init.set_exited(_failed_exit())
+                raise
             if launched is not None:  # restored from a checkpoint: the process is new
                 self._track(container, init, launched)
             init.status = Status.RUNNING
@@ -327,16 +339,18 @@ class TaskService:
                     Code.FAILED_PRECONDITION,
                     f"container {container.id} init process is not running",
                 )
-            process.io = await self._open_io(process)
             try:
+                # A failed start, stdio included, ends the process so that its Wait returns.
+                process.io = await self._open_io(process)
                 launched = await container.backend.exec(
                     process.exec_id,
                     process.spec,
                     self._runtime_stdio(process.io, process.stdio.terminal),
                 )
             except BaseException:
-                await process.io.close()
-                process.io = None
+                if process.io is not None:
+                    await process.io.close()
+                    process.io = None
                 process.set_exited(_failed_exit())
                 raise
             self._track(container, process, launched)
@@ -383,9 +397,13 @@ class TaskService:
         process = container.process(request.exec_id)
         if process.status is Status.DELETED:
             raise TtrpcError(Code.NOT_FOUND, "process already finished")
+        if request.signal not in VALID_SIGNALS:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"invalid signal {request.signal}")
         if process.is_init:
             await container.backend.kill(request.signal, request.all)
-        else:
+        elif process.pid == 0 or process.exit is not None:
+            process.signal(request.signal)  # refuses, saying why
+        elif not await container.backend.kill_exec(process.exec_id, request.signal):
             process.signal(request.signal)
         return Empty()
 

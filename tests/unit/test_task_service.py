@@ -296,6 +296,30 @@ def test_exec_exits_are_published_before_the_init_exit(tmp_path: Path) -> None:
     run_scenario(tmp_path, scenario)
 
 
+def test_exec_whose_stdio_cannot_be_opened_fails_start_and_its_wait_returns(
+    tmp_path: Path,
+) -> None:
+    async def scenario(service: TaskService, *_: Any) -> None:
+        await create(service, tmp_path, "c", "sleep", "30")
+        await service.Start(api.StartRequest(id="c"), CTX)
+        (tmp_path / "blocker").write_text("a file where the log's directory would be")
+        request = api.ExecProcessRequest(
+            id="c", exec_id="e", stdout=f"file://{tmp_path}/blocker/out.log", spec=exec_spec("true")
+        )
+        await service.Exec(request, CTX)
+        waiting = asyncio.ensure_future(service.Wait(api.WaitRequest(id="c", exec_id="e"), CTX))
+        with pytest.raises(OSError):
+            await service.Start(api.StartRequest(id="c", exec_id="e"), CTX)
+        assert (await waiting).exit_status == 255
+        await service.Delete(api.DeleteRequest(id="c", exec_id="e"), CTX)
+        init = await service.State(api.StateRequest(id="c"), CTX)
+        os.kill(init.pid, signal.SIGKILL)
+        await service.Wait(api.WaitRequest(id="c"), CTX)
+        await service.Delete(api.DeleteRequest(id="c"), CTX)
+
+    run_scenario(tmp_path, scenario)
+
+
 def test_many_concurrent_execs_each_get_their_exit_status(tmp_path: Path) -> None:
     async def scenario(service: TaskService, events: RecordingPublisher, *_: Any) -> None:
         await create(service, tmp_path, "c", "sleep", "30")
@@ -370,3 +394,28 @@ def test_shutdown_waits_for_the_last_container(tmp_path: Path) -> None:
             reaper.close()
 
     asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+
+
+class FailingRestore(FakeContainer):
+    """A restore whose runtime command fails at Start."""
+
+    async def create(self) -> Launched | None:
+        return None
+
+    async def start(self) -> Launched | None:
+        raise TtrpcError(Code.UNKNOWN, "OCI runtime restore failed")
+
+
+def test_failed_restore_ends_the_init_so_that_wait_and_delete_work(tmp_path: Path) -> None:
+    async def scenario(service: TaskService, _: Any, runtime: FakeRuntime, path: Path) -> None:
+        runtime.container = lambda config: FailingRestore(runtime.context.reaper, config)  # type: ignore[method-assign]
+        request = api.CreateTaskRequest(
+            id="r", bundle=bundle(path, "r", "true"), checkpoint=str(path / "image")
+        )
+        assert (await service.Create(request, CTX)).pid == 0
+        waiting = asyncio.ensure_future(service.Wait(api.WaitRequest(id="r"), CTX))
+        await expect_error(Code.UNKNOWN, service.Start(api.StartRequest(id="r"), CTX))
+        assert (await waiting).exit_status == 255
+        await service.Delete(api.DeleteRequest(id="r"), CTX)
+
+    run_scenario(tmp_path, scenario)
