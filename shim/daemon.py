@@ -31,6 +31,7 @@ log = logging.getLogger("shim")
 
 TASK_SERVICE_NAMES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 SHUTDOWN_GRACE = 5.0
+ABANDONED_AFTER = 30.0  # seconds without any container before the shim exits by itself
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -116,9 +117,11 @@ async def _serve(flags: Flags, runtime_class: type, runtime_name: str, sock: soc
     loop.add_signal_handler(signal.SIGUSR1, _dump_stacks)
     socket_path = sock.getsockname()
     serving = loop.create_task(server.serve(sock))
+    watchdog = loop.create_task(_stop_when_abandoned(service, stop))
     log.debug("serving %s on %s", runtime_name, socket_path)
     await stop.wait()
     log.debug("shutting down")
+    watchdog.cancel()
     await server.shutdown(SHUTDOWN_GRACE)
     await serving
     await service.close()
@@ -126,6 +129,22 @@ async def _serve(flags: Flags, runtime_class: type, runtime_name: str, sock: soc
     with contextlib.suppress(OSError):
         os.unlink(socket_path)
     reaper.close()
+
+
+async def _stop_when_abandoned(service: TaskService, stop: asyncio.Event) -> None:
+    """A shim that has held no container for a while is of no use: containerd died while the
+    Create was in flight and, restarted, will never send the Shutdown. containerd itself sends
+    Shutdown right after the last Delete, so this only catches the abandoned ones; should
+    containerd still hold a connection, it sees the shim go and runs its usual cleanup."""
+    idle = 0.0
+    step = ABANDONED_AFTER / 3
+    while True:
+        await asyncio.sleep(step)
+        idle = 0.0 if service.has_containers() else idle + step
+        if idle >= ABANDONED_AFTER:
+            log.info("no container for %.0f s: exiting", idle)
+            stop.set()
+            return
 
 
 def serve_from_socket_flag(flags: Flags, binary: str) -> int:

@@ -43,6 +43,7 @@ FIFO_SUBCOMMANDS = [("run",)] + [
 MARKER_TYPE_URL = b"containerd.events.ContainerDelete"
 MARKER_TOPIC = "/pyshim/marker"
 MNT_DETACH = 2
+TEMPLATE_COMM = "pyshim-template"  # shim.template.TEMPLATE_COMM (harness: stdlib only)
 
 
 class HarnessError(Exception):
@@ -162,6 +163,14 @@ def process_args(pid: int) -> tuple[list[str], list[str]]:
     except OSError:
         return [], []
     return [a.decode(errors="replace") for a in argv], [e.decode(errors="replace") for e in env]
+
+
+def process_comm(pid: int) -> str:
+    """The process name (/proc/PID/comm), "" if it is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
@@ -337,9 +346,11 @@ class PrivateContainerd:
                 return False
         return self.ctr("version", check=False, timeout=10).returncode == 0
 
-    def restart(self, sig: int = signal.SIGTERM) -> None:
-        """Stop containerd with sig (SIGKILL for a crash) and start it again on the same dirs."""
+    def restart(self, sig: int = signal.SIGTERM, down_for: float = 0) -> None:
+        """Stop containerd with sig (SIGKILL for a crash), wait down_for seconds (shims keep
+        running), and start it again on the same dirs."""
         self._stop_daemon(sig)
+        time.sleep(down_for)
         self._launch()
 
     def _stop_daemon(self, sig: int = signal.SIGTERM) -> None:
@@ -361,7 +372,7 @@ class PrivateContainerd:
                     self.remove_all()
         finally:
             self._stop_daemon()
-            for pid in self.shim_pids():
+            for pid in self.shim_pids(include_templates=True):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             detach_mounts(mounts_under(self.base))
@@ -482,9 +493,10 @@ class PrivateContainerd:
         if containers:
             self.ctr("containers", "delete", *containers, timeout=60, check=False)
 
-    def shim_pids(self) -> list[int]:
+    def shim_pids(self, include_templates: bool = False) -> list[int]:
         """Shim processes of this containerd: a containerd-shim-* program whose argv or
-        environment names our address (the Python shims run as `python <script>`)."""
+        environment names our address (the Python shims run as `python <script>`). The
+        template that forks Python shims (shim.template) counts only with include_templates."""
         pids = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -492,20 +504,25 @@ class PrivateContainerd:
             argv, env = process_args(int(entry.name))
             if not any(Path(a).name.startswith("containerd-shim-") for a in argv[:2]):
                 continue
+            if not include_templates and process_comm(int(entry.name)) == TEMPLATE_COMM:
+                continue
             if self.address in argv or f"TTRPC_ADDRESS={self.ttrpc_address}" in env:
                 pids.append(int(entry.name))
         return pids
 
     def leftovers(self) -> list[str]:
         """What a finished test left behind: shim processes, mounts, FIFO dirs."""
-        problems = [f"shim process {pid}: {process_args(pid)[0]}" for pid in self.shim_pids()]
+        problems = [
+            f"shim process {pid}: {process_args(pid)[0]}"
+            for pid in self.shim_pids(include_templates=True)
+        ]
         problems += [f"mount {point}" for point in mounts_under(self.base)]
         problems += [f"FIFO dir {entry}" for entry in sorted(self.fifo_dir.iterdir())]
         return problems
 
     def force_clean(self) -> None:
         """Kill our shims and detach mounts, so a broken test does not break the next."""
-        for pid in self.shim_pids():
+        for pid in self.shim_pids(include_templates=True):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         detach_mounts(mounts_under(self.base))

@@ -1,0 +1,96 @@
+"""The warm template: `start` gets daemons forked from one template, which exits when idle."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from google.protobuf.empty_pb2 import Empty
+
+from shim.api.task.v2 import shim_pb2 as api
+from shim.manager import SOCKET_DIR
+from shim.template import IDLE_EXIT, TEMPLATE_COMM
+from shim.ttrpc.client import Client
+
+SHIM = str(Path(sys.executable).with_name("containerd-shim-pyrunc-v1"))
+TASK = "containerd.task.v2.Task"
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Gone or a zombie (this machine's pid 1 may not reap orphans)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+async def shutdown(address: str, task_id: str) -> None:
+    client = await Client.connect(address.removeprefix("unix://"))
+    try:
+        await client.call(TASK, "Shutdown", api.ShutdownRequest(id=task_id), Empty, timeout=5)
+    finally:
+        await client.close()
+
+
+@pytest.mark.timeout(60)
+def test_daemons_share_one_template_which_exits_when_idle(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip(f"start binds under {SOCKET_DIR}, which needs root")
+    address = f"/pyshim-template-unit-{os.getpid()}.sock"
+    env = {"PATH": os.environ["PATH"], "TTRPC_ADDRESS": address + ".ttrpc"}
+    daemons, addresses = [], []
+    for task_id in ("a", "b"):
+        bundle = tmp_path / task_id
+        bundle.mkdir()
+        (bundle / "config.json").write_text("{}")
+        argv = [SHIM, "-namespace", "unit", "-address", address, "-id", task_id, "start"]
+        started = subprocess.run(
+            argv, cwd=bundle, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=30
+        )
+        assert started.returncode == 0, started.stderr
+        addresses.append(started.stdout.decode())
+        daemons.append(int((bundle / "shim.pid").read_text()))
+
+    template = parent_of(daemons[0])
+    assert parent_of(daemons[1]) == template
+    assert comm(template) == TEMPLATE_COMM
+    assert comm(daemons[0]) != TEMPLATE_COMM
+
+    # `delete` (here of a never-created container) runs warm and prints a DeleteResponse.
+    deleted = subprocess.run(
+        [SHIM, "-namespace", "unit", "-address", address, "-id", "a", "delete"],
+        cwd=tmp_path / "a",
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+    )
+    assert deleted.returncode == 0, deleted.stderr
+    assert api.DeleteResponse.FromString(deleted.stdout).exit_status == 137
+
+    for task_id, printed in zip(("a", "b"), addresses, strict=True):
+        asyncio.run(shutdown(printed, task_id))
+    assert all(wait_gone(pid, timeout=10) for pid in daemons)
+    assert wait_gone(template, timeout=IDLE_EXIT + 10)
