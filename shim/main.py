@@ -1,4 +1,4 @@
-"""Entry point of every pyshim binary: ``start``, ``delete``, ``-v`` or serve.
+"""Entry point of every pyshim binary: ``start``, ``delete``, ``-v``, ``-info`` or serve.
 
 Kept to the standard library: this module runs on every container start.
 """
@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{binary}:\n  Version: {VERSION}\n  Runtime: pyshim (Python {sys.version.split()[0]})"
         )
+        return 0
+    if flags.info:
+        from shim.info import runtime_info
+
+        stdin = b"" if sys.stdin.isatty() else sys.stdin.buffer.read()
+        sys.stdout.buffer.write(runtime_info(binary, stdin).SerializeToString())
         return 0
     if flags.action == "start":
         from shim.manager import start

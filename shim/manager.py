@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 
+from shim.bootstrap import answer, read_request
 from shim.main import Flags
 
 SOCKET_DIR = "/run/containerd/s"  # containerd's default state dir; the reference shims hard-code it
@@ -35,9 +36,11 @@ def grouping_id(bundle: str, task_id: str) -> str:
     return task_id
 
 
-def socket_path(containerd_address: str, namespace: str, group: str) -> str:
+def socket_path(
+    containerd_address: str, namespace: str, group: str, directory: str = SOCKET_DIR
+) -> str:
     digest = hashlib.sha256(os.path.join(containerd_address, namespace, group).encode()).hexdigest()
-    return os.path.join(SOCKET_DIR, digest)
+    return os.path.join(directory, digest)
 
 
 def _write_atomically(path: str, content: str) -> None:
@@ -102,9 +105,12 @@ def _copy_oom_score(child: int) -> None:
 
 def start(flags: Flags, binary: str) -> int:
     bundle = flags.bundle or os.getcwd()
-    if not sys.stdin.isatty():
-        sys.stdin.buffer.read()  # the runtime options; the daemon gets them again with Create
-    path = socket_path(flags.address, flags.namespace, grouping_id(bundle, flags.id))
+    request = read_request(flags, b"" if sys.stdin.isatty() else sys.stdin.buffer.read())
+    flags = request.flags
+    if request.ttrpc_address:  # the daemon's events go there
+        os.environ["TTRPC_ADDRESS"] = request.ttrpc_address
+    group = grouping_id(bundle, flags.id)
+    path = socket_path(flags.address, flags.namespace, group, request.socket_dir or SOCKET_DIR)
     address = "unix://" + path
     try:
         sock = bind_socket(path)
@@ -113,13 +119,24 @@ def start(flags: Flags, binary: str) -> int:
         return 1
     _write_atomically(os.path.join(bundle, "address"), address)
     if sock is not None:
-        child = _spawn_daemon(flags, binary, sock)
+        child = _daemon_from_template(flags, binary, sock, os.path.dirname(path))
         sock.close()
         _write_atomically(os.path.join(bundle, "shim.pid"), str(child))
         _copy_oom_score(child)
-    sys.stdout.write(address)
+    sys.stdout.buffer.write(answer(request, address, os.environ))
     sys.stdout.flush()
     return 0
+
+
+def _daemon_from_template(flags: Flags, binary: str, sock: socket.socket, socket_dir: str) -> int:
+    """A daemon forked by the warmed template (shim.template), or by us if none answers."""
+    from shim.template import request_daemon, template_path
+
+    try:
+        return request_daemon(template_path(socket_dir, flags.address), flags, binary, sock)
+    except OSError:
+        # Nothing printed: containerd reads stdout and stderr together as the address.
+        return _spawn_daemon(flags, binary, sock)
 
 
 def _spawn_daemon(flags: Flags, binary: str, sock: socket.socket) -> int:
@@ -142,20 +159,36 @@ def _spawn_daemon(flags: Flags, binary: str, sock: socket.socket) -> int:
     os._exit(code)
 
 
-def _remove_dead_socket(bundle: str) -> None:
+def _shim_socket(bundle: str) -> str | None:
+    """The socket path `start` wrote to the bundle's address file."""
     try:
         with open(os.path.join(bundle, "address")) as f:
-            address = f.read().strip()
+            return f.read().strip().removeprefix("unix://")
     except OSError:
+        return None
+
+
+def _remove_dead_socket(bundle: str) -> None:
+    path = _shim_socket(bundle)
+    if path is None:
         return
-    path = address.removeprefix("unix://")
     if path.startswith(SOCKET_DIR + "/") and not _is_alive(path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
 
 def delete(flags: Flags, binary: str) -> int:
-    """Clean up after a dead shim. Prints only the DeleteResponse; safe to run twice."""
+    """Clean up after a dead shim. Prints only the DeleteResponse; safe to run twice.
+
+    Runs in the warm template (shim.template) when one still serves this containerd."""
+    from shim.template import request_delete, template_path
+
+    socket_dir = os.path.dirname(_shim_socket(flags.bundle or os.getcwd()) or SOCKET_DIR + "/")
+    code = request_delete(template_path(socket_dir, flags.address), flags, binary)
+    return delete_here(flags, binary) if code is None else code
+
+
+def delete_here(flags: Flags, binary: str) -> int:
     from shim.runtimes.registry import find_runtime, runtime_name_from_binary
 
     bundle = flags.bundle or os.getcwd()

@@ -372,6 +372,12 @@ class PrivateContainerd:
                     self.remove_all()
         finally:
             self._stop_daemon()
+            for pid in self.shim_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            # A template with no shim left exits by itself and removes its socket; a killed
+            # one would leave the socket file in /run/containerd/s.
+            wait_until(lambda: not self.shim_pids(include_templates=True), timeout=5)
             for pid in self.shim_pids(include_templates=True):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
