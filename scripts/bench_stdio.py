@@ -33,7 +33,6 @@ from harness import (  # noqa: E402
     HarnessError,
     PrivateContainerd,
     unusable_reason,
-    wait_until,
 )
 
 GO_RUNTIME = "io.containerd.runc.v2"
@@ -54,10 +53,7 @@ def measure_stdio(
     copied = dict.fromkeys(runtimes, 0)
     try:
         for name, runtime in runtimes.items():
-            containerd.ctr(
-                "run", "-d", "--runtime", runtime, containerd.image, containers[name],
-                "sleep", "1000000",
-            )  # fmt: skip
+            containerd.run_detached(containers[name], "sleep", "1000000", runtime=runtime)
         shims = {name: shim_pid(containerd, cid) for name, cid in containers.items()}
         order = list(runtimes)
         for repeat in range(repeats):
@@ -70,7 +66,7 @@ def measure_stdio(
                 copied[name] += size
     finally:
         for cid in containers.values():
-            remove(containerd, cid)
+            containerd.kill_and_delete(cid, check=False)
     result: dict[str, Any] = {
         "size_mib": size_mb,
         "repeats": repeats,
@@ -97,10 +93,9 @@ def one_sample(
     """(MiB/s from the first byte to the last, shim CPU seconds meanwhile, bytes copied
     meanwhile) of one exec writing `size_mib` MiB of zeros to stdout."""
     command = ("dd", "if=/dev/zero", f"bs={MIB}", f"count={size_mib}")
-    ctr = subprocess.Popen(
-        containerd.ctr_command("tasks", "exec", "--exec-id", exec_id, container_id, *command),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        env=containerd.ctr_env,
+    ctr = containerd.start_ctr(
+        "tasks", "exec", "--exec-id", exec_id, container_id, *command,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     assert ctr.stdout is not None
     try:
@@ -127,36 +122,17 @@ def one_sample(
 def shim_pid(containerd: PrivateContainerd, container_id: str) -> int:
     """The shim of a running container: its init's parent, since a shim is a subreaper and
     the runtime that started the init has exited."""
-    for line in containerd.ctr("tasks", "ls").stdout.splitlines()[1:]:
-        task_id, pid = line.split()[:2]
-        if task_id == container_id:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            if parent not in containerd.shim_pids():
-                raise HarnessError(f"{container_id}: parent {parent} of {pid} is no shim")
-            return parent
-    raise HarnessError(f"no task {container_id}")
+    pid = containerd.task_pid(container_id)
+    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    if parent not in containerd.shim_pids():
+        raise HarnessError(f"{container_id}: parent {parent} of {pid} is no shim")
+    return parent
 
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, all threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
-
-
-def task_status(containerd: PrivateContainerd, container_id: str) -> str:
-    for line in containerd.ctr("tasks", "ls").stdout.splitlines()[1:]:
-        task_id, _pid, status = line.split()[:3]
-        if task_id == container_id:
-            return status
-    return "absent"
-
-
-def remove(containerd: PrivateContainerd, container_id: str) -> None:
-    containerd.ctr("tasks", "kill", "--signal", "SIGKILL", container_id, check=False)
-    wait_until(lambda: task_status(containerd, container_id) in ("STOPPED", "absent"), timeout=15)
-    containerd.ctr("tasks", "delete", container_id, check=False)
-    containerd.ctr("containers", "delete", container_id, check=False)
 
 
 def table(result: dict[str, Any]) -> str:

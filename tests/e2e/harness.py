@@ -27,13 +27,15 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 IMAGE_TAR = REPO / "var" / "images" / "busybox.tar"
 PYRUNC_RUNTIME = "io.containerd.pyrunc.v1"
-NAMESPACE = "pyshim-e2e"
+# Per test run: runc keeps its state by namespace and id under one root for every containerd,
+# so two runs on one machine must not share a namespace.
+NAMESPACE = f"pyshim-e2e-{os.getpid()}"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # ctr subcommands that create FIFOs and accept --fifo-dir.
 FIFO_SUBCOMMANDS = [("run",)] + [
@@ -239,6 +241,13 @@ def event_topic(line: str) -> str:
     return words[5] if len(words) > 5 and words[5].startswith("/") else ""
 
 
+class Task(NamedTuple):
+    """A row of `ctr tasks ls`."""
+
+    pid: int
+    status: str
+
+
 class PrivateContainerd:
     """A containerd with its own config, root, state and sockets under a fresh temp dir.
 
@@ -383,6 +392,19 @@ class PrivateContainerd:
                     os.kill(pid, signal.SIGKILL)
             detach_mounts(mounts_under(self.base))
             shutil.rmtree(self.base, ignore_errors=True)
+            self._remove_namespace_dirs()
+
+    def _remove_namespace_dirs(self) -> None:
+        """runc/runsc state roots and the cgroup parents named after our namespace outlive
+        their containers; they are empty once every container is gone (rmdir keeps any
+        that are not, so a leak stays visible)."""
+        runtime_roots = [Path("/run/containerd/runc"), Path("/run/containerd/runsc")]
+        cgroup_dirs = [Path("/sys/fs/cgroup")] + [
+            p for p in Path("/sys/fs/cgroup").iterdir() if p.is_dir()
+        ]
+        for parent in runtime_roots + cgroup_dirs:
+            with contextlib.suppress(OSError):
+                (parent / self.namespace).rmdir()
 
     # -- ctr -------------------------------------------------------------------------------
 
@@ -424,6 +446,66 @@ class PrivateContainerd:
         if check and result.returncode != 0:
             raise CtrError(result.returncode, result.args, result.stdout, result.stderr)
         return result
+
+    def start_ctr(
+        self,
+        *args: str,
+        stdin: int = subprocess.DEVNULL,
+        stdout: int = subprocess.DEVNULL,
+        stderr: int = subprocess.PIPE,
+    ) -> subprocess.Popen[bytes]:
+        """ctr in the background, for commands a caller must act on while they run."""
+        return subprocess.Popen(
+            self.ctr_command(*args), stdin=stdin, stdout=stdout, stderr=stderr, env=self.ctr_env
+        )
+
+    def stop_exec(self, ctr: subprocess.Popen[bytes], container_id: str, exec_id: str) -> None:
+        """End an exec through the shim, so its ctr exits and removes its FIFOs itself."""
+        kill = ("tasks", "kill", "--exec-id", exec_id, "--signal", "SIGKILL", container_id)
+        self.ctr(*kill, check=False)
+        try:
+            ctr.wait(timeout=20)
+        finally:
+            ctr.kill()
+            ctr.wait(timeout=10)
+
+    # -- tasks and containers --------------------------------------------------------------
+
+    def run_detached(
+        self, name: str, *command: str, runtime: str | None = None, image: str | None = None
+    ) -> None:
+        """`ctr run -d` of a container (runtime and image default to this containerd's)."""
+        runtime = runtime or self.runtime
+        self.ctr("run", "-d", "--runtime", runtime, image or self.image, name, *command)
+
+    def tasks(self, timeout: float = 60) -> dict[str, Task]:
+        """task id -> pid and status, from `ctr tasks ls`."""
+        rows = [
+            line.split()
+            for line in self.ctr("tasks", "ls", timeout=timeout).stdout.splitlines()[1:]
+        ]
+        return {row[0]: Task(int(row[1]), row[2]) for row in rows}
+
+    def task_status(self, container_id: str) -> str:
+        """RUNNING, STOPPED, PAUSED, ... or "absent" if there is no such task."""
+        task = self.tasks().get(container_id)
+        return task.status if task else "absent"
+
+    def task_pid(self, container_id: str) -> int:
+        task = self.tasks().get(container_id)
+        if task is None:
+            raise HarnessError(f"no task {container_id}")
+        return task.pid
+
+    def kill_and_delete(self, name: str, check: bool = True) -> None:
+        """SIGKILL a task, then delete it and its container; with check, HarnessError if the
+        task does not stop (without, for clean-up paths that must not mask an error)."""
+        self.ctr("tasks", "kill", "--signal", "SIGKILL", name, check=False)
+        stopped = wait_until(lambda: self.task_status(name) in ("STOPPED", "absent"), timeout=20)
+        if check and not stopped:
+            raise HarnessError(f"task {name} did not stop: {self.task_status(name)}")
+        self.ctr("tasks", "delete", name, check=False)
+        self.ctr("containers", "delete", name, check=False)
 
     def bundle(self, container_id: str) -> Path:
         return self.state / "io.containerd.runtime.v2.task" / self.namespace / container_id
@@ -490,8 +572,7 @@ class PrivateContainerd:
 
     def remove_all(self) -> None:
         """Kill and delete every task, then delete every container of our namespace."""
-        for line in self.ctr("tasks", "ls", timeout=30).stdout.splitlines()[1:]:
-            task_id, _pid, status = line.split()[:3]
+        for task_id, (_pid, status) in self.tasks(timeout=30).items():
             if status == "PAUSED":
                 self.ctr("tasks", "resume", task_id, timeout=30, check=False)
             self.ctr("tasks", "delete", "--force", task_id, timeout=30, check=False)

@@ -69,7 +69,7 @@ def parallel(count: int, workers: int, job: Callable[[int], list[str]]) -> list[
 def exec_storm(ctrd: PrivateContainerd, execs: int, workers: int) -> list[str]:
     """`execs` short execs into one container, `workers` at a time, then the init's exit."""
     name = "storm"
-    ctrd.ctr("run", "-d", "--runtime", PYRUNC_RUNTIME, ctrd.image, name, "sleep", "100000")
+    ctrd.run_detached(name, "sleep", "100000", runtime=PYRUNC_RUNTIME)
 
     def exec_one(n: int) -> list[str]:
         argv = ("tasks", "exec", "--exec-id", f"x{n}", name, "sh", "-c", f"exit {n % 256}")
@@ -188,7 +188,7 @@ def lifecycle_leaks(ctrd: PrivateContainerd, lifecycles: int, workers: int) -> l
 
     def lifecycle(n: int) -> list[str]:
         name = f"life{n}"
-        ctrd.ctr("run", "-d", "--runtime", PYRUNC_RUNTIME, ctrd.image, name, "sleep", "1000")
+        ctrd.run_detached(name, "sleep", "1000", runtime=PYRUNC_RUNTIME)
         ctrd.ctr("tasks", "exec", "--exec-id", "e", name, "true", timeout=120)
         ctrd.ctr("tasks", "kill", "--signal", "SIGKILL", name)
         # ctr 1.6 has no `tasks wait`: delete fails until the task has stopped.
@@ -221,12 +221,6 @@ def delete_task(ctrd: PrivateContainerd, name: str) -> int | None:
     if result.returncode == 0:
         return 0
     return None if "ctr: " in result.stderr else result.returncode  # others exit with it
-
-
-def tasks(ctrd: PrivateContainerd) -> dict[str, str]:
-    """task id -> status, from `ctr tasks ls`."""
-    lines = ctrd.ctr("tasks", "ls").stdout.splitlines()[1:]
-    return {line.split()[0]: line.split()[2] for line in lines}
 
 
 def soak(version: str, long: bool) -> int:

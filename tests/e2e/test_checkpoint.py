@@ -13,18 +13,10 @@ from collections.abc import Callable
 import pytest
 from harness import PrivateContainerd, wait_until
 from runsc_support import criu_unusable_reason, removing_ctr_fifos, runsc_unusable_reason
-from test_runc_shim import task_status
 
 pytestmark = pytest.mark.timeout(180)
 
 COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done"
-
-
-def remove(containerd: PrivateContainerd, name: str) -> None:
-    containerd.ctr("tasks", "kill", "--signal", "SIGKILL", name, check=False)
-    wait_until(lambda: task_status(containerd, name) in ("STOPPED", "absent"), timeout=20)
-    containerd.ctr("tasks", "delete", name, check=False)
-    containerd.ctr("containers", "delete", name, check=False)
 
 
 @pytest.mark.parametrize(
@@ -50,23 +42,23 @@ def test_restored_counter_goes_on_from_where_it_was(
         result = containerd.ctr("tasks", "exec", "--exec-id", exec_id, name, "cat", "/tmp/n")
         return int(result.stdout.strip() or 0)
 
-    containerd.ctr("run", "-d", "--runtime", runtime, containerd.image, name, "sh", "-c", COUNTER)
+    containerd.run_detached(name, "sh", "-c", COUNTER, runtime=runtime)
     try:
         assert wait_until(lambda: count() >= 20, timeout=30)
         before = count()
         containerd.ctr("containers", "checkpoint", "--task", "--rw", name, ref, timeout=120)
     finally:
-        remove(containerd, name)
+        containerd.kill_and_delete(name, check=False)
     try:
         with removing_ctr_fifos(name):
             containerd.ctr("containers", "restore", "--live", "--rw", name, ref, timeout=120)
             try:
-                assert task_status(containerd, name) == "RUNNING"
+                assert containerd.task_status(name) == "RUNNING"
                 restored = count()
                 # A counter started afresh would be back near 1.
                 assert restored >= before
                 assert wait_until(lambda: count() > restored, timeout=20)
             finally:
-                remove(containerd, name)
+                containerd.kill_and_delete(name, check=False)
     finally:
         containerd.ctr("images", "rm", ref, check=False)

@@ -8,14 +8,6 @@ GO_RUNTIME = "io.containerd.runc.v2"
 pytestmark = pytest.mark.timeout(120)
 
 
-def task_status(containerd: PrivateContainerd, container_id: str) -> str:
-    for line in containerd.ctr("tasks", "ls").stdout.splitlines()[1:]:
-        task_id, _pid, status = line.split()[:3]
-        if task_id == container_id:
-            return status
-    return "absent"
-
-
 def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainerd) -> None:
     result = containerd.ctr(
         "run", "--rm", "--runtime", GO_RUNTIME, containerd.image, "go-rm",
@@ -30,16 +22,14 @@ def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainer
 
 def test_detached_task_runs_until_killed(containerd: PrivateContainerd) -> None:
     with containerd.events() as events:
-        containerd.ctr(
-            "run", "-d", "--runtime", GO_RUNTIME, containerd.image, "go-d", "sleep", "1000"
-        )
-        assert task_status(containerd, "go-d") == "RUNNING"
+        containerd.run_detached("go-d", "sleep", "1000", runtime=GO_RUNTIME)
+        assert containerd.task_status("go-d") == "RUNNING"
         assert (containerd.bundle("go-d") / "config.json").is_file()
         assert len(containerd.shim_pids()) == 1
 
         containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "go-d")
         events.wait_for("/tasks/exit")
-        assert wait_until(lambda: task_status(containerd, "go-d") == "STOPPED", timeout=10)
+        assert wait_until(lambda: containerd.task_status("go-d") == "STOPPED", timeout=10)
         containerd.ctr("tasks", "delete", "go-d")
 
     task_topics = [topic for topic in events.topics() if topic.startswith("/tasks/")]
@@ -54,12 +44,10 @@ def test_detached_task_runs_until_killed(containerd: PrivateContainerd) -> None:
 
 
 def test_restart_keeps_the_task_running(containerd: PrivateContainerd) -> None:
-    containerd.ctr(
-        "run", "-d", "--runtime", GO_RUNTIME, containerd.image, "go-restart", "sleep", "1000"
-    )
+    containerd.run_detached("go-restart", "sleep", "1000", runtime=GO_RUNTIME)
 
     containerd.restart()
 
-    assert task_status(containerd, "go-restart") == "RUNNING"
+    assert containerd.task_status("go-restart") == "RUNNING"
     containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "go-restart")
-    assert wait_until(lambda: task_status(containerd, "go-restart") == "STOPPED", timeout=10)
+    assert wait_until(lambda: containerd.task_status("go-restart") == "STOPPED", timeout=10)

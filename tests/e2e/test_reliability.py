@@ -29,7 +29,6 @@ from reliability import (
     exits,
     lifecycle_leaks,
     socket_of,
-    tasks,
 )
 
 from shim.api.task.v2 import shim_pb2 as api
@@ -41,10 +40,6 @@ TASK = "containerd.task.v2.Task"
 FAILPOINT_RUNC = Path(__file__).with_name("failpoint-runc")
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def run_detached(ctrd: PrivateContainerd, name: str, *command: str) -> None:
-    ctrd.ctr("run", "-d", "--runtime", PYRUNC_RUNTIME, ctrd.image, name, *command)
 
 
 def init_pid(ctrd: PrivateContainerd, name: str) -> int:
@@ -134,11 +129,12 @@ def test_runc_killed_during_create_leaves_nothing(
     assert result.returncode != 0
     assert "OCI runtime create failed" in result.stderr, result.stderr
     assert "/tasks/create" not in log.topics()
-    assert "cut" not in tasks(containerd)
+    assert "cut" not in containerd.tasks()
     containerd.ctr("containers", "delete", "cut")
     assert wait_until(lambda: no_runc_state(containerd, "cut"), timeout=10)
     # The init runc had created is gone too (the autouse check covers shims and mounts).
-    assert not [p for p in Path("/proc").glob("[0-9]*/cgroup") if ":/pyshim-e2e/cut" in read(p)]
+    cgroup = f":/{containerd.namespace}/cut"
+    assert not [p for p in Path("/proc").glob("[0-9]*/cgroup") if cgroup in read(p)]
 
 
 def read(path: Path) -> str:
@@ -153,7 +149,7 @@ def test_exec_racing_the_init_exit(
     containerd: PrivateContainerd, failpoint: Callable[[str, str], None], when: str
 ) -> None:
     name = f"race-{when}"
-    run_detached(containerd, name, "sleep", "1000")
+    containerd.run_detached(name, "sleep", "1000")
     failpoint(name, f"exec kill-init-{when}")
     with containerd.events() as log:
         result = containerd.ctr(
@@ -173,11 +169,10 @@ def test_exec_racing_the_init_exit(
 
 def test_vanished_fifo_reader_does_not_lose_the_exit(containerd: PrivateContainerd) -> None:
     command = ("run", "--runtime", PYRUNC_RUNTIME, containerd.image, "chatty")
-    ctr = subprocess.Popen(
-        containerd.ctr_command(*command, "sh", "-c", "while :; do echo chatter; done"),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        env=containerd.ctr_env,
-    )  # fmt: skip
+    script = "while :; do echo chatter; done"
+    ctr = containerd.start_ctr(
+        *command, "sh", "-c", script, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
     assert ctr.stdout is not None
     try:
         assert ctr.stdout.readline() == b"chatter\n"
@@ -185,7 +180,7 @@ def test_vanished_fifo_reader_does_not_lose_the_exit(containerd: PrivateContaine
         ctr.kill()  # the reader of the stdout FIFO vanishes mid-stream
         ctr.wait(timeout=10)
     shim = containerd.shim_pids()
-    assert tasks(containerd)["chatty"] == "RUNNING"
+    assert containerd.task_status("chatty") == "RUNNING"
     with containerd.events() as log:
         containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "chatty")
         log.wait_for("/tasks/exit", '"id":"chatty"')
@@ -214,7 +209,7 @@ def forwarded_exits(ctrd: PrivateContainerd, offset: int) -> int:
 def test_containerd_sigkill_in_a_burst_loses_no_task_and_no_exit(
     containerd: PrivateContainerd,
 ) -> None:
-    run_detached(containerd, "base", "sleep", "100000")
+    containerd.run_detached("base", "sleep", "100000")
     offset = containerd.log_path.stat().st_size
     launched: list[str] = []
     enough = threading.Event()
@@ -239,13 +234,13 @@ def test_containerd_sigkill_in_a_burst_loses_no_task_and_no_exit(
         for future in burst:
             future.result()
 
-    listed = tasks(containerd)
+    listed = containerd.tasks()
     assert {i for i in launched if i.startswith("b")} <= set(listed)  # no task lost
     assert wait_until(
-        lambda: all(s == "STOPPED" for i, s in tasks(containerd).items() if i != "base"),
+        lambda: all(t.status == "STOPPED" for i, t in containerd.tasks().items() if i != "base"),
         timeout=30,
     )
-    started = [i for i, s in tasks(containerd).items() if i != "base" and s == "STOPPED"]
+    started = [i for i, t in containerd.tasks().items() if i != "base" and t.status == "STOPPED"]
     exec_status = asyncio.run(exec_exits(shim_address(containerd, "base"), count))
     assert {i for i in launched if i.startswith("e")} <= set(exec_status)
     assert all(exec_status[i] == int(i[1:]) for i in exec_status)
@@ -283,7 +278,7 @@ async def exec_exits(address: str, count: int) -> dict[str, int]:
 
 
 def test_shim_sigkill_reports_137_and_delete_cleans_up(containerd: PrivateContainerd) -> None:
-    run_detached(containerd, "orphan", "sleep", "1000")
+    containerd.run_detached("orphan", "sleep", "1000")
     pid = init_pid(containerd, "orphan")
     sock = socket_of(containerd, "orphan")
     assert sock.exists()
@@ -294,7 +289,7 @@ def test_shim_sigkill_reports_137_and_delete_cleans_up(containerd: PrivateContai
     assert '"exit_status":137' in event
     assert wait_until(lambda: process_gone(pid), timeout=10)
     assert not sock.exists()
-    assert "orphan" not in tasks(containerd)
+    assert "orphan" not in containerd.tasks()
     containerd.ctr("containers", "delete", "orphan")
     assert no_runc_state(containerd, "orphan")
     remove_client_fifos(containerd)  # ctr removes them at `tasks delete`: no task left to delete
@@ -364,7 +359,7 @@ def exec_request(exec_id: str, spec: bytes = b'{"args": ["true"], "cwd": "/"}') 
 def test_bad_rpc_input_gets_the_right_code_and_the_shim_keeps_serving(
     containerd: PrivateContainerd, tmp_path: Path
 ) -> None:
-    run_detached(containerd, "victim", "sleep", "1000")
+    containerd.run_detached("victim", "sleep", "1000")
     address = shim_address(containerd, "victim")
     state = api.StateRequest(id="victim").SerializeToString()
     bare = tmp_path / "bare"
@@ -423,7 +418,7 @@ def test_bad_rpc_input_gets_the_right_code_and_the_shim_keeps_serving(
     # Nothing was written outside the bundles, and the victim still runs and answers.
     assert not (containerd.bundle("victim").parent.parent / "evil").exists()
     assert sorted(p.name for p in bare.iterdir()) == []
-    assert tasks(containerd)["victim"] == "RUNNING"
+    assert containerd.task_status("victim") == "RUNNING"
     assert asyncio.run(call(address, "State", api.StateRequest(id="victim"))) == (Code.OK, "")
     finish(containerd, "victim")
 
@@ -479,7 +474,7 @@ except (BrokenPipeError, ConnectionResetError):
 
 
 def test_shim_socket_is_root_only_and_refuses_other_uids(containerd: PrivateContainerd) -> None:
-    run_detached(containerd, "guarded", "sleep", "1000")
+    containerd.run_detached("guarded", "sleep", "1000")
     address = shim_address(containerd, "guarded")
     path = Path(address)
     assert path.parent == Path("/run/containerd/s")
@@ -502,7 +497,7 @@ def test_shim_socket_is_root_only_and_refuses_other_uids(containerd: PrivateCont
             capture_output=True, text=True, timeout=30, check=True,
         )  # fmt: skip
         assert result.stdout.startswith(want), (mode_name, result.stdout, result.stderr)
-    assert tasks(containerd)["guarded"] == "RUNNING"
+    assert containerd.task_status("guarded") == "RUNNING"
     finish(containerd, "guarded")
 
 

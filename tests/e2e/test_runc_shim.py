@@ -36,58 +36,6 @@ def run(
     return containerd.ctr("run", "--runtime", RUNTIME, *args, **kwargs)  # type: ignore[arg-type]
 
 
-def run_detached(containerd: PrivateContainerd, name: str, *command: str) -> None:
-    containerd.ctr("run", "-d", "--runtime", RUNTIME, containerd.image, name, *command)
-
-
-def start_ctr(
-    containerd: PrivateContainerd,
-    *args: str,
-    stdin: int = subprocess.DEVNULL,
-    stdout: int = subprocess.DEVNULL,
-) -> subprocess.Popen[bytes]:
-    """ctr in the background, for commands a test must act on while they run."""
-    return subprocess.Popen(
-        containerd.ctr_command(*args), stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
-        env=containerd.ctr_env,
-    )  # fmt: skip
-
-
-def stop_exec(
-    containerd: PrivateContainerd, ctr: subprocess.Popen[bytes], name: str, exec_id: str
-) -> None:
-    """End an exec through the shim, so its ctr exits and removes its FIFOs itself."""
-    containerd.ctr("tasks", "kill", "--exec-id", exec_id, "--signal", "SIGKILL", name, check=False)
-    try:
-        ctr.wait(timeout=20)
-    finally:
-        ctr.kill()
-        ctr.wait(timeout=10)
-
-
-def task_status(containerd: PrivateContainerd, container_id: str) -> str:
-    for line in containerd.ctr("tasks", "ls").stdout.splitlines()[1:]:
-        task_id, _pid, status = line.split()[:3]
-        if task_id == container_id:
-            return status
-    return "absent"
-
-
-def task_pid(containerd: PrivateContainerd, container_id: str) -> int:
-    for line in containerd.ctr("tasks", "ls").stdout.splitlines()[1:]:
-        task_id, pid, _status = line.split()[:3]
-        if task_id == container_id:
-            return int(pid)
-    raise AssertionError(f"no task {container_id}")
-
-
-def kill_and_delete(containerd: PrivateContainerd, name: str) -> None:
-    containerd.ctr("tasks", "kill", "--signal", "SIGKILL", name, check=False)
-    assert wait_until(lambda: task_status(containerd, name) in ("STOPPED", "absent"), timeout=10)
-    containerd.ctr("tasks", "delete", name, check=False)
-    containerd.ctr("containers", "delete", name, check=False)
-
-
 def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainerd) -> None:
     result = run(
         containerd,
@@ -126,9 +74,9 @@ def test_stdin_reaches_the_container(containerd: PrivateContainerd) -> None:
         "-c",
         "cat; echo done",
     )
-    ctr = start_ctr(containerd, *command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    ctr = containerd.start_ctr(*command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        assert wait_until(lambda: task_status(containerd, "stdin") == "RUNNING", timeout=20)
+        assert wait_until(lambda: containerd.task_status("stdin") == "RUNNING", timeout=20)
         out, err = ctr.communicate(b"line one\nline two\n", timeout=30)
     finally:
         ctr.kill()
@@ -138,9 +86,9 @@ def test_stdin_reaches_the_container(containerd: PrivateContainerd) -> None:
 
 
 def test_detached_task_lists_running_and_exec_works(containerd: PrivateContainerd) -> None:
-    run_detached(containerd, "det", "sleep", "1000")
-    assert task_status(containerd, "det") == "RUNNING"
-    assert task_pid(containerd, "det") > 0
+    containerd.run_detached("det", "sleep", "1000")
+    assert containerd.task_status("det") == "RUNNING"
+    assert containerd.task_pid("det") > 0
 
     result = containerd.ctr(
         "tasks", "exec", "--exec-id", "e1", "det", "sh", "-c", "echo out; echo err >&2; exit 5",
@@ -153,11 +101,11 @@ def test_detached_task_lists_running_and_exec_works(containerd: PrivateContainer
         "tasks", "exec", "--exec-id", "e2", "det", "sh", "-c", "cat; echo end", input="hi\n"
     )
     assert piped.stdout == "hi\nend\n"
-    kill_and_delete(containerd, "det")
+    containerd.kill_and_delete("det")
 
 
 def test_twenty_concurrent_execs(containerd: PrivateContainerd) -> None:
-    run_detached(containerd, "conc", "sleep", "1000")
+    containerd.run_detached("conc", "sleep", "1000")
 
     def exec_one(n: int) -> tuple[int, str]:
         expected = f"{n}\n"
@@ -175,32 +123,30 @@ def test_twenty_concurrent_execs(containerd: PrivateContainerd) -> None:
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         results = list(pool.map(exec_one, range(20)))
     assert results == [(n, f"{n}\n") for n in range(20)]
-    kill_and_delete(containerd, "conc")
+    containerd.kill_and_delete("conc")
 
 
 def test_duplicate_exec_id_is_refused(containerd: PrivateContainerd) -> None:
-    run_detached(containerd, "dup", "sleep", "1000")
-    first = start_ctr(containerd, "tasks", "exec", "--exec-id", "same", "dup", "sleep", "30")
+    containerd.run_detached("dup", "sleep", "1000")
+    first = containerd.start_ctr("tasks", "exec", "--exec-id", "same", "dup", "sleep", "30")
     try:
         time.sleep(1)
         second = containerd.ctr("tasks", "exec", "--exec-id", "same", "dup", "true", check=False)
         assert second.returncode != 0
         assert "already exists" in second.stderr
     finally:
-        stop_exec(containerd, first, "dup", "same")
-    kill_and_delete(containerd, "dup")
+        containerd.stop_exec(first, "dup", "same")
+    containerd.kill_and_delete("dup")
 
 
 def test_kill_with_term_and_kill(containerd: PrivateContainerd) -> None:
-    run_detached(
-        containerd, "term", "sh", "-c", 'trap "exit 143" TERM; while :; do sleep 0.1; done'
-    )
-    run_detached(containerd, "kill9", "sleep", "1000")
+    containerd.run_detached("term", "sh", "-c", 'trap "exit 143" TERM; while :; do sleep 0.1; done')
+    containerd.run_detached("kill9", "sleep", "1000")
     with containerd.events() as events:
         containerd.ctr("tasks", "kill", "term")
         containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "kill9")
         assert '"exit_status":143' in events.wait_for('"container_id":"term"')
-        assert wait_until(lambda: task_status(containerd, "kill9") == "STOPPED", timeout=10)
+        assert wait_until(lambda: containerd.task_status("kill9") == "STOPPED", timeout=10)
     exits = [line for line in events.lines if "/tasks/exit" in line]
     assert any('"container_id":"kill9"' in line and '"exit_status":137' in line for line in exits)
     for name in ("term", "kill9"):
@@ -209,8 +155,7 @@ def test_kill_with_term_and_kill(containerd: PrivateContainerd) -> None:
 
 
 def test_pause_stops_a_counter_and_resume_continues(containerd: PrivateContainerd) -> None:
-    run_detached(
-        containerd,
+    containerd.run_detached(
         "counter",
         "sh",
         "-c",
@@ -226,28 +171,28 @@ def test_pause_stops_a_counter_and_resume_continues(containerd: PrivateContainer
     assert wait_until(lambda: count() > 0, timeout=10)
     with containerd.events() as events:
         containerd.ctr("tasks", "pause", "counter")
-        assert task_status(containerd, "counter") == "PAUSED"
+        assert containerd.task_status("counter") == "PAUSED"
         containerd.ctr("tasks", "resume", "counter")
-        assert task_status(containerd, "counter") == "RUNNING"
+        assert containerd.task_status("counter") == "RUNNING"
     assert events.topics()[:2] == ["/tasks/paused", "/tasks/resumed"]
     before = count()
     containerd.ctr("tasks", "pause", "counter")
     time.sleep(0.5)
     # Exec is refused while paused, so read the counter from the host through /proc.
-    root = f"/proc/{task_pid(containerd, 'counter')}/root/tmp/n"
+    root = f"/proc/{containerd.task_pid('counter')}/root/tmp/n"
     paused = Path(root).read_text()
     time.sleep(0.5)
     assert Path(root).read_text() == paused
     containerd.ctr("tasks", "resume", "counter")
     assert wait_until(lambda: count() > before + 2, timeout=10)
-    kill_and_delete(containerd, "counter")
+    containerd.kill_and_delete("counter")
 
 
 def test_ps_lists_init_and_exec_pids(containerd: PrivateContainerd) -> None:
-    run_detached(containerd, "ps", "sleep", "1000")
-    execer = start_ctr(containerd, "tasks", "exec", "--exec-id", "busy", "ps", "sleep", "30")
+    containerd.run_detached("ps", "sleep", "1000")
+    execer = containerd.start_ctr("tasks", "exec", "--exec-id", "busy", "ps", "sleep", "30")
     try:
-        init = task_pid(containerd, "ps")
+        init = containerd.task_pid("ps")
 
         def listed() -> str:
             return containerd.ctr("tasks", "ps", "ps").stdout
@@ -259,17 +204,17 @@ def test_ps_lists_init_and_exec_pids(containerd: PrivateContainerd) -> None:
         assert "busy" not in by_pid[init]
         assert any("busy" in line for pid, line in by_pid.items() if pid != init)
     finally:
-        stop_exec(containerd, execer, "ps", "busy")
-    kill_and_delete(containerd, "ps")
+        containerd.stop_exec(execer, "ps", "busy")
+    containerd.kill_and_delete("ps")
 
 
 def test_metrics(containerd: PrivateContainerd) -> None:
-    run_detached(containerd, "metrics", "sleep", "1000")
+    containerd.run_detached("metrics", "sleep", "1000")
     table = containerd.ctr("tasks", "metrics", "metrics").stdout
     assert "memory.usage_in_bytes" in table or "memory.usage" in table, table
     as_json = json.loads(containerd.ctr("tasks", "metrics", "--format", "json", "metrics").stdout)
     assert as_json["pids"]["current"] >= 1
-    kill_and_delete(containerd, "metrics")
+    containerd.kill_and_delete("metrics")
 
 
 def test_memory_limit_gives_oom_before_exit(containerd: PrivateContainerd) -> None:
@@ -286,12 +231,12 @@ def test_memory_limit_gives_oom_before_exit(containerd: PrivateContainerd) -> No
 
 def test_events_in_order_with_ids(containerd: PrivateContainerd) -> None:
     with containerd.events() as events:
-        run_detached(containerd, "ev", "sleep", "1000")
+        containerd.run_detached("ev", "sleep", "1000")
         containerd.ctr(
             "tasks", "exec", "--exec-id", "ev-x", "ev", "sh", "-c", "exit 4", check=False
         )
         containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "ev")
-        assert wait_until(lambda: task_status(containerd, "ev") == "STOPPED", timeout=10)
+        assert wait_until(lambda: containerd.task_status("ev") == "STOPPED", timeout=10)
         containerd.ctr("tasks", "delete", "ev")
         events.wait_for("/tasks/delete")
     topics = [t for t in events.topics() if t.startswith("/tasks/")]
@@ -348,7 +293,7 @@ def test_fifty_megabytes_of_output_arrive_byte_exact(containerd: PrivateContaine
     count = 6_000_000
     expected = hashlib.sha256("".join(f"{i}\n" for i in range(1, count + 1)).encode()).hexdigest()
     command = ("run", "--rm", "--runtime", RUNTIME, containerd.image, "big", "seq", "1", str(count))
-    ctr = start_ctr(containerd, *command, stdout=subprocess.PIPE)
+    ctr = containerd.start_ctr(*command, stdout=subprocess.PIPE)
     out, err = ctr.communicate(timeout=150)
     assert ctr.returncode == 0, err
     assert len(out) > 45_000_000
@@ -367,13 +312,13 @@ def test_missing_binary_is_a_clear_error(containerd: PrivateContainerd) -> None:
 
 
 def test_containerd_restart_keeps_the_task(containerd: PrivateContainerd) -> None:
-    run_detached(containerd, "survivor", "sleep", "1000")
-    pid = task_pid(containerd, "survivor")
+    containerd.run_detached("survivor", "sleep", "1000")
+    pid = containerd.task_pid("survivor")
 
     containerd.restart()
 
-    assert task_status(containerd, "survivor") == "RUNNING"
-    assert task_pid(containerd, "survivor") == pid
+    assert containerd.task_status("survivor") == "RUNNING"
+    assert containerd.task_pid("survivor") == pid
     result = containerd.ctr(
         "tasks", "exec", "--exec-id", "after", "survivor", "sh", "-c", "echo alive"
     )
@@ -381,7 +326,7 @@ def test_containerd_restart_keeps_the_task(containerd: PrivateContainerd) -> Non
     with containerd.events() as events:
         containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "survivor")
         assert '"exit_status":137' in events.wait_for("/tasks/exit")
-    assert wait_until(lambda: task_status(containerd, "survivor") == "STOPPED", timeout=10)
+    assert wait_until(lambda: containerd.task_status("survivor") == "STOPPED", timeout=10)
     containerd.ctr("tasks", "delete", "survivor")
     containerd.ctr("containers", "delete", "survivor")
 
@@ -408,7 +353,7 @@ def test_twenty_run_rm_in_parallel(containerd: PrivateContainerd) -> None:
 
 def test_update_changes_the_memory_limit(containerd: PrivateContainerd) -> None:
     # ctr 1.6 has no `tasks update`: send Update to the shim the way containerd does.
-    run_detached(containerd, "upd", "sleep", "1000")
+    containerd.run_detached("upd", "sleep", "1000")
     address = (containerd.bundle("upd") / "address").read_text().removeprefix("unix://")
     limit = 48 * 1024 * 1024
     resources = AnyProto(
@@ -425,7 +370,7 @@ def test_update_changes_the_memory_limit(containerd: PrivateContainerd) -> None:
             await client.close()
 
     asyncio.run(update())
-    cgroup = Cgroup.for_pid(task_pid(containerd, "upd"))
+    cgroup = Cgroup.for_pid(containerd.task_pid("upd"))
     limit_file = "memory.limit_in_bytes" if cgroup.version == 1 else "memory.max"
     assert int(Path(cgroup.path("memory"), limit_file).read_text()) == limit
-    kill_and_delete(containerd, "upd")
+    containerd.kill_and_delete("upd")

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from harness import PrivateContainerd, wait_until
 from runsc_support import require_runsc
-from test_runc_shim import start_ctr, stop_exec, task_pid, task_status
 
 RUNTIME = "io.containerd.pyrunsc.v1"
 
@@ -39,12 +38,9 @@ def run(
 def sleeper(containerd: PrivateContainerd) -> Iterator[str]:
     """A detached runsc container running `sleep`; killed and deleted afterwards."""
     name = "rs-sleeper"
-    containerd.ctr("run", "-d", "--runtime", RUNTIME, containerd.image, name, "sleep", "1000")
+    containerd.run_detached(name, "sleep", "1000", runtime=RUNTIME)
     yield name
-    containerd.ctr("tasks", "kill", "--signal", "SIGKILL", name, check=False)
-    wait_until(lambda: task_status(containerd, name) in ("STOPPED", "absent"), timeout=20)
-    containerd.ctr("tasks", "delete", name, check=False)
-    containerd.ctr("containers", "delete", name, check=False)
+    containerd.kill_and_delete(name, check=False)
 
 
 def exec_output(containerd: PrivateContainerd, name: str, *command: str) -> str:
@@ -65,7 +61,7 @@ def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainer
 def test_detached_task_runs_in_gvisor_and_exec_works(
     containerd: PrivateContainerd, sleeper: str
 ) -> None:
-    assert task_status(containerd, sleeper) == "RUNNING"
+    assert containerd.task_status(sleeper) == "RUNNING"
     # The user-space kernel says who it is.
     assert "gVisor" in exec_output(containerd, sleeper, "dmesg")
 
@@ -84,7 +80,7 @@ def test_detached_task_runs_in_gvisor_and_exec_works(
 def test_ps_names_the_exec_and_killing_an_exec_ends_it_in_the_sandbox(
     containerd: PrivateContainerd, sleeper: str
 ) -> None:
-    execer = start_ctr(containerd, "tasks", "exec", "--exec-id", "busy", sleeper, "sleep", "300")
+    execer = containerd.start_ctr("tasks", "exec", "--exec-id", "busy", sleeper, "sleep", "300")
     try:
 
         def listed() -> list[str]:
@@ -92,20 +88,20 @@ def test_ps_names_the_exec_and_killing_an_exec_ends_it_in_the_sandbox(
 
         assert wait_until(lambda: any("busy" in line for line in listed()), timeout=20)
         by_pid = {int(line.split()[0]): line for line in listed()}
-        assert task_pid(containerd, sleeper) in by_pid
+        assert containerd.task_pid(sleeper) in by_pid
 
         containerd.ctr("tasks", "kill", "--exec-id", "busy", "--signal", "SIGKILL", sleeper)
         assert execer.wait(timeout=20) == 137
         # The process inside the sandbox is gone too, not only runsc's waiter on the host.
         assert wait_until(lambda: len(listed()) == 1, timeout=10), listed()
     finally:
-        stop_exec(containerd, execer, sleeper, "busy")
+        containerd.stop_exec(execer, sleeper, "busy")
 
 
 def test_kill_reports_the_signal_status(containerd: PrivateContainerd) -> None:
     name = "rs-term"
     trap = 'trap "exit 143" TERM; while :; do sleep 0.1; done'
-    containerd.ctr("run", "-d", "--runtime", RUNTIME, containerd.image, name, "sh", "-c", trap)
+    containerd.run_detached(name, "sh", "-c", trap, runtime=RUNTIME)
     with containerd.events() as events:
         containerd.ctr("tasks", "kill", name)
         assert '"exit_status":143' in events.wait_for("/tasks/exit", timeout=20)
@@ -116,7 +112,7 @@ def test_kill_reports_the_signal_status(containerd: PrivateContainerd) -> None:
 def test_pause_and_resume(containerd: PrivateContainerd) -> None:
     name = "rs-counter"
     counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done"
-    containerd.ctr("run", "-d", "--runtime", RUNTIME, containerd.image, name, "sh", "-c", counter)
+    containerd.run_detached(name, "sh", "-c", counter, runtime=RUNTIME)
 
     def count() -> int:
         return int(exec_output(containerd, name, "cat", "/tmp/n").strip() or 0)
@@ -124,14 +120,14 @@ def test_pause_and_resume(containerd: PrivateContainerd) -> None:
     assert wait_until(lambda: count() > 0, timeout=20)
     with containerd.events() as events:
         containerd.ctr("tasks", "pause", name)
-        assert task_status(containerd, name) == "PAUSED"
+        assert containerd.task_status(name) == "PAUSED"
         containerd.ctr("tasks", "resume", name)
-        assert task_status(containerd, name) == "RUNNING"
+        assert containerd.task_status(name) == "RUNNING"
     assert events.topics()[:2] == ["/tasks/paused", "/tasks/resumed"]
     before = count()
     assert wait_until(lambda: count() > before + 2, timeout=20)
     containerd.ctr("tasks", "kill", "--signal", "SIGKILL", name)
-    assert wait_until(lambda: task_status(containerd, name) == "STOPPED", timeout=20)
+    assert wait_until(lambda: containerd.task_status(name) == "STOPPED", timeout=20)
     containerd.ctr("tasks", "delete", name)
     containerd.ctr("containers", "delete", name)
 
@@ -147,12 +143,12 @@ def test_metrics_come_from_the_sandbox(containerd: PrivateContainerd, sleeper: s
 def test_events_in_order_with_ids(containerd: PrivateContainerd) -> None:
     name = "rs-ev"
     with containerd.events() as events:
-        containerd.ctr("run", "-d", "--runtime", RUNTIME, containerd.image, name, "sleep", "1000")
+        containerd.run_detached(name, "sleep", "1000", runtime=RUNTIME)
         containerd.ctr(
             "tasks", "exec", "--exec-id", "ev-x", name, "sh", "-c", "exit 4", check=False
         )
         containerd.ctr("tasks", "kill", "--signal", "SIGKILL", name)
-        assert wait_until(lambda: task_status(containerd, name) == "STOPPED", timeout=20)
+        assert wait_until(lambda: containerd.task_status(name) == "STOPPED", timeout=20)
         containerd.ctr("tasks", "delete", name)
         events.wait_for("/tasks/delete")
     containerd.ctr("containers", "delete", name)
@@ -180,9 +176,9 @@ def test_stdin_reaches_the_container(containerd: PrivateContainerd) -> None:
         "-c",
         "cat; echo done",
     )
-    ctr = start_ctr(containerd, *command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    ctr = containerd.start_ctr(*command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        assert wait_until(lambda: task_status(containerd, name) == "RUNNING", timeout=20)
+        assert wait_until(lambda: containerd.task_status(name) == "RUNNING", timeout=20)
         out, err = ctr.communicate(b"line one\nline two\n", timeout=30)
     finally:
         ctr.kill()

@@ -82,39 +82,12 @@ def write_script(path: Path, text: str) -> str:
     return str(path)
 
 
-def task_status(containerd: PrivateContainerd, container_id: str) -> str:
-    for line in containerd.ctr("tasks", "ls").stdout.splitlines()[1:]:
-        task_id, _pid, status = line.split()[:3]
-        if task_id == container_id:
-            return status
-    return "absent"
-
-
-def run_detached(containerd: PrivateContainerd, name: str, *command: str) -> None:
-    containerd.ctr("run", "-d", "--runtime", RUNTIME, containerd.image, name, *command)
-
-
-def kill_and_delete(containerd: PrivateContainerd, name: str) -> None:
-    containerd.ctr("tasks", "kill", "--signal", "SIGKILL", name, check=False)
-    assert wait_until(lambda: task_status(containerd, name) in ("STOPPED", "absent"), timeout=15)
-    containerd.ctr("tasks", "delete", name, check=False)
-    containerd.ctr("containers", "delete", name, check=False)
-
-
-def shim_pid(containerd: PrivateContainerd) -> int:
-    (pid,) = containerd.shim_pids()
-    return pid
-
-
 @contextlib.contextmanager
 def ctr_background(
     containerd: PrivateContainerd, *args: str, stdin: int = subprocess.DEVNULL
 ) -> Iterator[subprocess.Popen[bytes]]:
     """ctr with piped stdout, killed on the way out if it still runs."""
-    ctr = subprocess.Popen(
-        containerd.ctr_command(*args), stdin=stdin, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env=containerd.ctr_env,
-    )  # fmt: skip
+    ctr = containerd.start_ctr(*args, stdin=stdin, stdout=subprocess.PIPE)
     try:
         yield ctr
     finally:
@@ -150,7 +123,7 @@ def test_binary_logger_gets_init_stdout_and_stderr(
 def test_binary_v2_logger_gets_exec_output(containerd: PrivateContainerd, tmp_path: Path) -> None:
     logger = write_script(tmp_path / "recorder", RECORDER)
     record = tmp_path / "record.json"
-    run_detached(containerd, "io-binv2", "sleep", "1000")
+    containerd.run_detached("io-binv2", "sleep", "1000")
     uri = f"binary-v2://{logger}?out={record}&ready=byte"
     containerd.ctr(
         "tasks", "exec", "--exec-id", "logged", "--log-uri", uri, "io-binv2",
@@ -162,7 +135,7 @@ def test_binary_v2_logger_gets_exec_output(containerd: PrivateContainerd, tmp_pa
     assert got["args"] == {"out": str(record), "ready": "byte"}
     assert got["env"] == {"CONTAINER_ID": "logged", "CONTAINER_NAMESPACE": containerd.namespace}
     assert (got["fd3"], got["fd4"]) == ("exec-out\n", "exec-err\n")
-    kill_and_delete(containerd, "io-binv2")
+    containerd.kill_and_delete("io-binv2")
 
 
 @pytest.mark.parametrize(
@@ -203,8 +176,8 @@ def test_silent_logger_fails_exec_and_the_shim_keeps_serving(
     logger = write_script(
         tmp_path / "silent", f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 1000\n"
     )
-    run_detached(containerd, "io-silent", "sleep", "1000")
-    shim = shim_pid(containerd)
+    containerd.run_detached("io-silent", "sleep", "1000")
+    (shim,) = containerd.shim_pids()
 
     failed = containerd.ctr(
         "tasks", "exec", "--exec-id", "quiet", "--log-uri", f"binary://{logger}",
@@ -218,7 +191,7 @@ def test_silent_logger_fails_exec_and_the_shim_keeps_serving(
     after = containerd.ctr("tasks", "exec", "--exec-id", "after", "io-silent", "echo", "served")
     assert after.stdout == "served\n"
     assert containerd.shim_pids() == [shim]
-    kill_and_delete(containerd, "io-silent")
+    containerd.kill_and_delete("io-silent")
 
 
 # -- file:// --------------------------------------------------------------------------------
@@ -279,7 +252,7 @@ def reap_within(pid: int, timeout: float) -> int | None:
 
 
 def test_tty_exec_sees_resize(containerd: PrivateContainerd) -> None:
-    run_detached(containerd, "io-ttyexec", "sleep", "1000")
+    containerd.run_detached("io-ttyexec", "sleep", "1000")
     script = (
         'until [ "$(stty size)" = "37 113" ]; do sleep 0.05; done; echo first $(stty size); '
         'until [ "$(stty size)" = "50 150" ]; do sleep 0.05; done; echo second $(stty size)'
@@ -306,11 +279,11 @@ def test_tty_exec_sees_resize(containerd: PrivateContainerd) -> None:
             os.waitpid(pid, 0)
         os.close(master)
     assert status == 0
-    kill_and_delete(containerd, "io-ttyexec")
+    containerd.kill_and_delete("io-ttyexec")
 
 
 def test_close_io_gives_cat_eof_without_terminal(containerd: PrivateContainerd) -> None:
-    run_detached(containerd, "io-cionotty", "sleep", "1000")
+    containerd.run_detached("io-cionotty", "sleep", "1000")
     command = (
         "tasks",
         "exec",
@@ -329,7 +302,7 @@ def test_close_io_gives_cat_eof_without_terminal(containerd: PrivateContainerd) 
         out = ctr.stdout.read()
         assert ctr.wait(timeout=30) == 0
     assert out == b"hello\ndone\n"
-    kill_and_delete(containerd, "io-cionotty")
+    containerd.kill_and_delete("io-cionotty")
 
 
 class ShimExec:
@@ -385,7 +358,7 @@ def test_close_io_gives_cat_eof_with_terminal(
     containerd: PrivateContainerd, tmp_path: Path
 ) -> None:
     # `ctr exec -t` keeps its stdin writer open and never sends CloseIO.
-    run_detached(containerd, "io-ciotty", "sleep", "1000")
+    containerd.run_detached("io-ciotty", "sleep", "1000")
     stdin_path, stdout_path = tmp_path / "stdin", tmp_path / "stdout"
     for fifo in (stdin_path, stdout_path):
         os.mkfifo(fifo, 0o600)
@@ -420,7 +393,7 @@ def test_close_io_gives_cat_eof_with_terminal(
         os.close(stdout)
     assert status == 0
     assert output.endswith(b"cat-done\r\n"), output
-    kill_and_delete(containerd, "io-ciotty")
+    containerd.kill_and_delete("io-ciotty")
 
 
 # -- bulk output and readers that go away -------------------------------------------------
@@ -468,14 +441,14 @@ def test_two_hundred_megabytes_of_stdout_arrive_byte_exact(
     assert status == 0
     assert size == repeats * len(chunk)
     assert digest == expected.hexdigest()
-    kill_and_delete(containerd, "io-big")
+    containerd.kill_and_delete("io-big")
 
 
 def test_stdout_reader_killed_mid_stream(containerd: PrivateContainerd, tmp_path: Path) -> None:
     # Its own FIFO dir: a killed ctr cannot remove its FIFOs, and the harness checks its own.
     fifo_dir = tmp_path / "fifo"
     fifo_dir.mkdir()
-    run_detached(containerd, "io-bystander", "sleep", "1000")
+    containerd.run_detached("io-bystander", "sleep", "1000")
     args = ("run", "--runtime", RUNTIME, "--fifo-dir", str(fifo_dir), containerd.image, "io-chatty")
     with ctr_background(containerd, *args, "yes", "0123456789abcdef") as ctr:
         assert ctr.stdout is not None
@@ -488,8 +461,8 @@ def test_stdout_reader_killed_mid_stream(containerd: PrivateContainerd, tmp_path
 
     # The container now blocks on a full pipe: neither it nor its shim gets EPIPE.
     time.sleep(1)
-    assert task_status(containerd, "io-chatty") == "RUNNING"
-    assert task_status(containerd, "io-bystander") == "RUNNING"
+    assert containerd.task_status("io-chatty") == "RUNNING"
+    assert containerd.task_status("io-bystander") == "RUNNING"
     assert set(containerd.shim_pids()) == shims
     served = containerd.ctr("tasks", "exec", "--exec-id", "alive", "io-chatty", "echo", "alive")
     assert served.stdout == "alive\n"
@@ -497,6 +470,6 @@ def test_stdout_reader_killed_mid_stream(containerd: PrivateContainerd, tmp_path
         "run", "--rm", "--runtime", RUNTIME, containerd.image, "io-other", "echo", "unaffected"
     )
     assert other.stdout == "unaffected\n"
-    kill_and_delete(containerd, "io-chatty")
-    assert task_status(containerd, "io-chatty") == "absent"
-    kill_and_delete(containerd, "io-bystander")
+    containerd.kill_and_delete("io-chatty")
+    assert containerd.task_status("io-chatty") == "absent"
+    containerd.kill_and_delete("io-bystander")

@@ -7,33 +7,18 @@ import json
 import os
 import pty
 import select
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import REPO, HarnessError, PrivateContainerd, run, unusable_reason, wait_until
+from harness import HarnessError, PrivateContainerd, unusable_reason, wait_until
+from wasm_image import GREETING, IMAGE, build_image, wasm_build_unusable_reason
 
 RUNTIME = "io.containerd.pywasm.v1"
-IMAGE = "localhost/pyshim/wasm-tests:latest"
-SOURCES = Path(__file__).parent / "wasm"
-WASI_SYSROOT = Path("/usr/include/wasm32-wasi")
-GREETING = "greetings from the rootfs\n"
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def build_programs(out: Path) -> list[str]:
-    """Compile every tests/e2e/wasm/*.c to out/<name>.wasm; `--add` arguments for the image."""
-    adds = []
-    for source in sorted(SOURCES.glob("*.c")):
-        target = out / f"{source.stem}.wasm"
-        argv = ["clang", "--target=wasm32-wasi", "-O2", "-Wall", "-Werror", "-Wl,--strip-all"]
-        run([*argv, "-o", str(target), str(source)], timeout=60)
-        adds.append(f"--add=/{target.name}={target}")
-    return adds
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +31,10 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def containerd(work: Path) -> Iterator[PrivateContainerd]:
     """A private containerd of our own, so that the shims it starts use an empty module cache
     (PYSHIM_WASM_CACHE) that this module can look into; with the test image imported."""
-    reason = unusable_reason()
+    reason = unusable_reason() or wasm_build_unusable_reason()
     if reason:
         pytest.skip(reason)
-    if shutil.which("clang") is None or not WASI_SYSROOT.is_dir():
-        pytest.skip("clang with wasi-libc is not installed (scripts/setup installs them)")
-    greeting = work / "greeting.txt"
-    greeting.write_text(GREETING)
-    image = work / "wasm-tests.tar"
-    build = [str(REPO / "scripts" / "build-image"), "--ref", IMAGE, "--cmd", "/hello.wasm"]
-    build += [*build_programs(work), f"--add=/data/greeting.txt={greeting}", str(image)]
-    run(build, timeout=60)
+    image = build_image(work)
     version = os.environ.get("PYSHIM_CONTAINERD", "1.6")
     env = {"PYSHIM_WASM_CACHE": str(work / "cache")}
     try:
@@ -73,25 +51,6 @@ def wasm_run(
     """`ctr run --rm [flags] <test image> name command...`."""
     argv = ["run", "--rm", "--runtime", RUNTIME, *flags, IMAGE, name, *command]
     return containerd.ctr(*argv, check=False, timeout=60)
-
-
-def run_detached(containerd: PrivateContainerd, name: str, *command: str) -> None:
-    containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, name, *command)
-
-
-def task_status(containerd: PrivateContainerd, container_id: str) -> str:
-    for line in containerd.ctr("tasks", "ls").stdout.splitlines()[1:]:
-        task_id, _pid, status = line.split()[:3]
-        if task_id == container_id:
-            return status
-    return "absent"
-
-
-def remove(containerd: PrivateContainerd, name: str) -> None:
-    containerd.ctr("tasks", "kill", "--signal", "SIGKILL", name, check=False)
-    assert wait_until(lambda: task_status(containerd, name) in ("STOPPED", "absent"), timeout=10)
-    containerd.ctr("tasks", "delete", name, check=False)
-    containerd.ctr("containers", "delete", name, check=False)
 
 
 def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainerd) -> None:
@@ -135,12 +94,9 @@ def test_stdin_reaches_the_module(containerd: PrivateContainerd) -> None:
     # ctr 1.6 never closes stdin that hit EOF before the task existed (PROTOCOL Q0): feed it
     # once the task runs.
     command = ("run", "--rm", "--runtime", RUNTIME, IMAGE, "stdin", "/cat.wasm")
-    ctr = subprocess.Popen(
-        containerd.ctr_command(*command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env=containerd.ctr_env,
-    )  # fmt: skip
+    ctr = containerd.start_ctr(*command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        assert wait_until(lambda: task_status(containerd, "stdin") == "RUNNING", timeout=20)
+        assert wait_until(lambda: containerd.task_status("stdin") == "RUNNING", timeout=20)
         out, err = ctr.communicate(b"line one\nline two\n", timeout=30)
     finally:
         ctr.kill()
@@ -150,10 +106,7 @@ def test_stdin_reaches_the_module(containerd: PrivateContainerd) -> None:
 
 def test_fifty_megabytes_of_output_arrive(containerd: PrivateContainerd) -> None:
     command = ("run", "--rm", "--runtime", RUNTIME, IMAGE, "big", "/write.wasm", "50")
-    ctr = subprocess.Popen(
-        containerd.ctr_command(*command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env=containerd.ctr_env,
-    )  # fmt: skip
+    ctr = containerd.start_ctr(*command, stdout=subprocess.PIPE)
     out, err = ctr.communicate(timeout=90)
 
     assert ctr.returncode == 0, err
@@ -162,8 +115,8 @@ def test_fifty_megabytes_of_output_arrive(containerd: PrivateContainerd) -> None
 
 
 def test_kill_ends_an_infinite_loop(containerd: PrivateContainerd) -> None:
-    run_detached(containerd, "loop", "/loop.wasm")
-    assert task_status(containerd, "loop") == "RUNNING"
+    containerd.run_detached("loop", "/loop.wasm", image=IMAGE)
+    assert containerd.task_status("loop") == "RUNNING"
     with containerd.events() as events:
         containerd.ctr("tasks", "kill", "loop")  # SIGTERM
         exit_event = events.wait_for("/tasks/exit", '"container_id":"loop"')
@@ -173,7 +126,7 @@ def test_kill_ends_an_infinite_loop(containerd: PrivateContainerd) -> None:
 
 
 def test_pause_stops_the_loop_and_resume_continues(containerd: PrivateContainerd) -> None:
-    run_detached(containerd, "spin", "/loop.wasm", "/progress")
+    containerd.run_detached("spin", "/loop.wasm", "/progress", image=IMAGE)
     progress = containerd.bundle("spin") / "rootfs" / "progress"
 
     def rounds() -> int:
@@ -185,21 +138,21 @@ def test_pause_stops_the_loop_and_resume_continues(containerd: PrivateContainerd
     assert wait_until(lambda: rounds() > 0, timeout=20)
     with containerd.events() as events:
         containerd.ctr("tasks", "pause", "spin")
-        assert task_status(containerd, "spin") == "PAUSED"
+        assert containerd.task_status("spin") == "PAUSED"
         paused = rounds()
         time.sleep(0.5)
         assert rounds() == paused
         containerd.ctr("tasks", "resume", "spin")
-        assert task_status(containerd, "spin") == "RUNNING"
+        assert containerd.task_status("spin") == "RUNNING"
         assert wait_until(lambda: rounds() > paused + 2, timeout=20)
     assert events.topics()[:2] == ["/tasks/paused", "/tasks/resumed"]
-    remove(containerd, "spin")
+    containerd.kill_and_delete("spin")
 
 
 def test_exec_runs_modules_with_their_own_stdio_and_exit_code(
     containerd: PrivateContainerd,
 ) -> None:
-    run_detached(containerd, "host", "/loop.wasm")
+    containerd.run_detached("host", "/loop.wasm", image=IMAGE)
     echoed = containerd.ctr("tasks", "exec", "--exec-id", "e1", "host", "/echo.wasm", "x")
     assert echoed.stdout.splitlines()[:2] == ["arg /echo.wasm", "arg x"]
 
@@ -210,7 +163,7 @@ def test_exec_runs_modules_with_their_own_stdio_and_exit_code(
 
     piped = containerd.ctr("tasks", "exec", "--exec-id", "e3", "host", "/cat.wasm", input="in\n")
     assert piped.stdout == "in\n"
-    remove(containerd, "host")
+    containerd.kill_and_delete("host")
 
 
 def test_ps_metrics_and_memory_limit_act_on_the_cgroup(containerd: PrivateContainerd) -> None:
@@ -220,22 +173,22 @@ def test_ps_metrics_and_memory_limit_act_on_the_cgroup(containerd: PrivateContai
         "/loop.wasm",
     )  # fmt: skip
     pids = containerd.ctr("tasks", "ps", "measured").stdout.splitlines()[1:]
-    init = int(containerd.ctr("tasks", "ls").stdout.split("measured")[1].split()[0])
+    init = containerd.task_pid("measured")
     assert [int(line.split()[0]) for line in pids] == [init]
 
     metrics = json.loads(containerd.ctr("tasks", "metrics", "--format", "json", "measured").stdout)
     assert metrics["pids"]["current"] >= 1  # threads count too
     assert metrics["memory"]["usage"]["usage"] > 0
     assert metrics["memory"]["usage"]["limit"] == limit
-    remove(containerd, "measured")
+    containerd.kill_and_delete("measured")
 
 
 def test_events_in_order_with_ids(containerd: PrivateContainerd) -> None:
     with containerd.events() as events:
-        run_detached(containerd, "ev", "/loop.wasm")
+        containerd.run_detached("ev", "/loop.wasm", image=IMAGE)
         containerd.ctr("tasks", "exec", "--exec-id", "ev-x", "ev", "/exit.wasm", "4", check=False)
         containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "ev")
-        assert wait_until(lambda: task_status(containerd, "ev") == "STOPPED", timeout=10)
+        assert wait_until(lambda: containerd.task_status("ev") == "STOPPED", timeout=10)
         containerd.ctr("tasks", "delete", "ev")
         events.wait_for("/tasks/delete")
     topics = [t for t in events.topics() if t.startswith("/tasks/")]
