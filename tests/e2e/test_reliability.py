@@ -202,10 +202,6 @@ def forwarded_exits(ctrd: PrivateContainerd, offset: int) -> int:
     return sum(all(m in line for m in marks) for line in text.splitlines())
 
 
-@pytest.mark.xfail(
-    reason="known leak: the shim of a task whose Create was cut by the crash is never shut down",
-    strict=False,
-)
 def test_containerd_sigkill_in_a_burst_loses_no_task_and_no_exit(
     containerd: PrivateContainerd,
 ) -> None:
@@ -234,10 +230,16 @@ def test_containerd_sigkill_in_a_burst_loses_no_task_and_no_exit(
         for future in burst:
             future.result()
 
-    listed = containerd.tasks()
-    assert {i for i in launched if i.startswith("b")} <= set(listed)  # no task lost
+    acked = {i for i in launched if i.startswith("b")}
+    assert acked <= set(containerd.tasks())  # no task lost
+    # An acked task ran and exits; one whose Create completed in the shim while containerd
+    # died was never started, and stays CREATED as it would with the Go shim.
     assert wait_until(
-        lambda: all(t.status == "STOPPED" for i, t in containerd.tasks().items() if i != "base"),
+        lambda: all(
+            t.status == "STOPPED" or (t.status == "CREATED" and i not in acked)
+            for i, t in containerd.tasks().items()
+            if i != "base"
+        ),
         timeout=30,
     )
     started = [i for i, t in containerd.tasks().items() if i != "base" and t.status == "STOPPED"]
@@ -252,7 +254,9 @@ def test_containerd_sigkill_in_a_burst_loses_no_task_and_no_exit(
         assert delete_task(containerd, name) == int(name[1:])
     finish(containerd, "base")
     containerd.remove_all()
-    shut_down = wait_until(lambda: not containerd.shim_pids(), timeout=15)
+    # A shim whose Create the crash cut never gets a Shutdown: it exits by itself once it has
+    # held no container for shim.daemon.ABANDONED_AFTER (30 s, checked every 10 s).
+    shut_down = wait_until(lambda: not containerd.shim_pids(), timeout=50)
     leaked = containerd.shim_pids()
     containerd.force_clean()  # reported here, not again by the autouse check
     assert shut_down, f"shims never shut down: {leaked}"
