@@ -19,10 +19,8 @@ Standard library only unless stdin holds something: ``start`` is on the hot path
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from shim.main import Flags
 from shim.sys.gobuildinfo import go_module_info
@@ -33,14 +31,28 @@ PROTOCOL = "ttrpc"
 CONTAINERD_V2_MODULE = "github.com/containerd/containerd/v2"
 
 
-@dataclass(frozen=True)
 class StartRequest:
-    """The parameters of one ``start``, from BootstrapParams when containerd sent them."""
+    """The parameters of one ``start``, from BootstrapParams when containerd sent them.
 
-    flags: Flags
-    socket_dir: str = ""  # "" = the default directory
-    ttrpc_address: str = ""  # "" = from the environment
-    bootstrap_params: bool = False  # answer with a protobuf BootstrapResult
+    A plain class: importing dataclasses would cost every ``start`` ~10 ms."""
+
+    def __init__(
+        self,
+        flags: Flags,
+        socket_dir: str = "",  # "" = the default directory
+        ttrpc_address: str = "",  # "" = from the environment
+        bootstrap_params: bool = False,  # answer with a protobuf BootstrapResult
+    ) -> None:
+        self.flags = flags
+        self.socket_dir = socket_dir
+        self.ttrpc_address = ttrpc_address
+        self.bootstrap_params = bootstrap_params
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StartRequest) and vars(self) == vars(other)
+
+    def __repr__(self) -> str:
+        return f"StartRequest(**{vars(self)!r})"
 
 
 def read_request(flags: Flags, stdin: bytes) -> StartRequest:
@@ -59,15 +71,14 @@ def read_request(flags: Flags, stdin: bytes) -> StartRequest:
     # An Any (type_url 1, value 2) may decode too; containerd always fills these in params.
     if not (params.containerd_version or params.containerd_grpc_address):
         return StartRequest(flags)
+    flags = Flags(**vars(flags))  # a copy: the caller's flags stay as they were
+    flags.id = params.instance_id or flags.id
+    flags.namespace = params.namespace or flags.namespace
+    flags.address = params.containerd_grpc_address or flags.address
+    flags.publish_binary = params.containerd_binary or flags.publish_binary
+    flags.debug = params.log_level <= LOG_LEVEL_DEBUG  # more verbose levels are lower
     return StartRequest(
-        flags=dataclasses.replace(
-            flags,
-            id=params.instance_id or flags.id,
-            namespace=params.namespace or flags.namespace,
-            address=params.containerd_grpc_address or flags.address,
-            publish_binary=params.containerd_binary or flags.publish_binary,
-            debug=params.log_level <= LOG_LEVEL_DEBUG,  # more verbose levels are lower
-        ),
+        flags=flags,
         socket_dir=params.socket_dir,
         ttrpc_address=params.containerd_ttrpc_address.removeprefix("unix://"),
         bootstrap_params=True,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, fields
 
 VERSION = "0.1.0"
 
@@ -16,25 +15,47 @@ class UsageError(Exception):
     pass
 
 
-@dataclass
 class Flags:
-    """The flags containerd passes (Go ``flag`` syntax: ``-name value``, ``-name=value``)."""
+    """The flags containerd passes (Go ``flag`` syntax: ``-name value``, ``-name=value``).
 
-    namespace: str = ""
-    id: str = ""
-    address: str = ""
-    publish_binary: str = ""
-    bundle: str = ""
-    socket: str = ""
-    debug_socket: str = ""
-    debug: bool = False
-    v: bool = False
-    info: bool = False
-    action: str = ""
+    A plain class: importing dataclasses would cost every ``start`` and ``delete`` ~10 ms."""
+
+    def __init__(
+        self,
+        namespace: str = "",
+        id: str = "",
+        address: str = "",
+        publish_binary: str = "",
+        bundle: str = "",
+        socket: str = "",
+        debug_socket: str = "",
+        debug: bool = False,
+        v: bool = False,
+        info: bool = False,
+        action: str = "",
+    ) -> None:
+        self.namespace = namespace
+        self.id = id
+        self.address = address
+        self.publish_binary = publish_binary
+        self.bundle = bundle
+        self.socket = socket
+        self.debug_socket = debug_socket
+        self.debug = debug
+        self.v = v
+        self.info = info
+        self.action = action
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Flags) and vars(self) == vars(other)
+
+    def __repr__(self) -> str:
+        return f"Flags(**{vars(self)!r})"
 
 
-_BOOL_FLAGS = {f.name for f in fields(Flags) if f.type in ("bool", bool)}
-_VALUE_FLAGS = {f.name for f in fields(Flags) if f.type in ("str", str)} - {"action"}
+_DEFAULTS = vars(Flags())
+_BOOL_FLAGS = {name for name, value in _DEFAULTS.items() if isinstance(value, bool)}
+_VALUE_FLAGS = {name for name, value in _DEFAULTS.items() if isinstance(value, str)} - {"action"}
 
 
 def parse_flags(argv: list[str]) -> tuple[Flags, list[str]]:

@@ -25,7 +25,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
 
 from shim.main import Flags
 
@@ -177,6 +177,9 @@ def _serve_template(listener: socket.socket, binary: str) -> int:
             pid = _fork_child(conn, listener, serve, delete_here)
             if pid:
                 daemons.add(pid)
+        # Idle also counts from the last request: a daemon that lived between two ticks is
+        # never seen by them, and a container's `delete` comes as its daemon exits.
+        idle_since = time.monotonic()
     # New starts must spawn a new template; those already queued are still served.
     with contextlib.suppress(OSError):
         if os.stat(path).st_ino == identity:
@@ -190,7 +193,12 @@ def _serve_template(listener: socket.socket, binary: str) -> int:
     return 0
 
 
-def _fork_child(conn: socket.socket, listener: socket.socket, serve: Any, delete: Any) -> int:
+def _fork_child(
+    conn: socket.socket,
+    listener: socket.socket,
+    serve: Callable[[Flags, str, socket.socket], int],
+    delete: Callable[[Flags, str], int],
+) -> int:
     """Fork a child for one request: a daemon (its pid returned and replied) or a `delete`
     writing to the requester's stdout (the child replies its exit code; 0 returned)."""
     conn.settimeout(CONNECT_TIMEOUT)
