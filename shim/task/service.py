@@ -449,6 +449,11 @@ class TaskService:
 
     async def Pids(self, request: api.PidsRequest, ctx: CallContext) -> Any:
         container = self._container(request.id)
+        if container.init.exit is not None:
+            # The runtime has no processes left to list, but containerd 1.7/2.x call Pids when
+            # they reload after a restart and tear down a shim that lists none as leaked,
+            # reporting 137 instead of the exit status this shim still holds.
+            return api.PidsResponse(processes=[types.ProcessInfo(pid=container.init.pid)])
         exec_ids = {p.pid: p.exec_id for p in container.execs.values() if p.pid and not p.exit}
         processes = []
         for pid in await container.backend.pids():

@@ -193,12 +193,13 @@ def test_vanished_fifo_reader_does_not_lose_the_exit(containerd: PrivateContaine
 # -- 3. containerd killed in a burst ------------------------------------------------------------
 
 
-def forwarded_exits(ctrd: PrivateContainerd, offset: int) -> int:
-    """/tasks/exit events shims forwarded to containerd since log byte `offset`."""
+def forwarded_exits(ctrd: PrivateContainerd, offset: int, topic: str = "/tasks/exit") -> int:
+    """Events on `topic` (any, if empty) shims forwarded to containerd since log byte
+    `offset`."""
     with ctrd.log_path.open("rb") as f:
         f.seek(offset)
         text = f.read().decode(errors="replace")
-    marks = ("event forwarded", f"ns={ctrd.namespace}", "topic=/tasks/exit")
+    marks = ("event forwarded", f"ns={ctrd.namespace}", f"topic={topic}")
     return sum(all(m in line for m in marks) for line in text.splitlines())
 
 
@@ -246,10 +247,13 @@ def test_containerd_sigkill_in_a_burst_loses_no_task_and_no_exit(
     exec_status = asyncio.run(exec_exits(shim_address(containerd, "base"), count))
     assert {i for i in launched if i.startswith("e")} <= set(exec_status)
     assert all(exec_status[i] == int(i[1:]) for i in exec_status)
-    # Every exit reached containerd once, including those queued while it was down.
-    expected = len(started) + len(exec_status)
-    assert wait_until(lambda: forwarded_exits(containerd, offset) >= expected, timeout=20)
-    assert forwarded_exits(containerd, offset) == expected
+    # Every exit reached containerd once, including those queued while it was down. Only a
+    # containerd that logs each forwarded event shows it (1.6 and 2.x do at debug level;
+    # 1.7 does not); the statuses above and below are checked on every version.
+    if forwarded_exits(containerd, 0, topic="") > 0:
+        expected = len(started) + len(exec_status)
+        assert wait_until(lambda: forwarded_exits(containerd, offset) >= expected, timeout=20)
+        assert forwarded_exits(containerd, offset) == expected
     for name in started:
         assert delete_task(containerd, name) == int(name[1:])
     finish(containerd, "base")

@@ -177,6 +177,9 @@ def test_lifecycle_publishes_events_in_order(tmp_path: Path) -> None:
         assert waited.exit_status == 3
         state = await service.State(api.StateRequest(id="c1"), CTX)
         assert (state.status, state.exit_status) == (3, 3)  # STOPPED
+        # Still listed: containerd 1.7/2.x tear down a shim whose Pids is empty at reload.
+        pids = await service.Pids(api.PidsRequest(id="c1"), CTX)
+        assert [p.pid for p in pids.processes] == [pid]
         deleted = await service.Delete(api.DeleteRequest(id="c1"), CTX)
         assert (deleted.pid, deleted.exit_status) == (pid, 3)
         assert events.names() == ["TaskCreate", "TaskStart", "TaskExit", "TaskDelete"]
