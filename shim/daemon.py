@@ -17,6 +17,7 @@ import sys
 import time
 
 from shim.api.task.v2 import shim_pb2 as task_v2
+from shim.api.task.v3 import shim_pb2 as task_v3
 from shim.main import Flags
 from shim.manager import bind_socket
 from shim.runtimes.base import ShimContext
@@ -29,7 +30,6 @@ from shim.ttrpc.service import service_from_descriptor
 
 log = logging.getLogger("shim")
 
-TASK_SERVICE_NAMES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 SHUTDOWN_GRACE = 5.0
 ABANDONED_AFTER = 30.0  # seconds without any container before the shim exits by itself
 
@@ -109,9 +109,8 @@ async def _serve(flags: Flags, runtime_class: type, runtime_name: str, sock: soc
     runtime = runtime_class(ShimContext(flags.namespace, runtime_name, reaper, flags.debug))
     service = TaskService(runtime, publisher, stop.set)
     server = Server()
-    descriptor = task_v2.DESCRIPTOR.services_by_name["Task"]
-    for service_name in TASK_SERVICE_NAMES:  # one implementation, both API versions
-        server.register(service_from_descriptor(descriptor, service_name), service)
+    for api in (task_v2, task_v3):  # one implementation serves both API versions
+        server.register(service_from_descriptor(api.DESCRIPTOR.services_by_name["Task"]), service)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, _dump_stacks)
