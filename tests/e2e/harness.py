@@ -10,18 +10,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import itertools
 import json
 import os
+import pty
 import re
+import select
 import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -458,6 +463,36 @@ class PrivateContainerd:
         return subprocess.Popen(
             self.ctr_command(*args), stdin=stdin, stdout=stdout, stderr=stderr, env=self.ctr_env
         )
+
+    def ctr_in_terminal(
+        self, *args: str, rows: int = 37, cols: int = 113, timeout: float = 60
+    ) -> tuple[int, bytes]:
+        """ctr on a fresh pty of rows x cols, as from a user's terminal: its exit code and
+        everything it printed (a pty turns \\n into \\r\\n)."""
+        pid, master = pty.fork()
+        if pid == 0:
+            fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+            argv = self.ctr_command(*args)
+            os.execve(argv[0], argv, self.ctr_env)
+        output = b""
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if not select.select([master], [], [], 1)[0]:
+                    continue
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: ctr exited and the terminal closed
+                    break
+                if not chunk:
+                    break
+                output += chunk
+        finally:
+            os.close(master)
+            if time.monotonic() >= deadline:
+                os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status), output
 
     def stop_exec(self, ctr: subprocess.Popen[bytes], container_id: str, exec_id: str) -> None:
         """End an exec through the shim, so its ctr exits and removes its FIFOs itself."""

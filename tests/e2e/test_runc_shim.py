@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import fcntl
 import hashlib
 import json
-import os
-import pty
-import select
-import struct
 import subprocess
-import termios
 import time
 from pathlib import Path
 
@@ -251,42 +245,14 @@ def test_events_in_order_with_ids(containerd: PrivateContainerd) -> None:
 
 
 def test_run_with_terminal_sees_its_size(containerd: PrivateContainerd) -> None:
-    pid, master = pty.fork()
-    if pid == 0:
-        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 37, 113, 0, 0))
-        argv = containerd.ctr_command(
-            "run",
-            "-t",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            containerd.image,
-            "tty",
-            "sh",
-            "-c",
-            "sleep 0.5; stty size; tty",
-        )
-        os.execve(argv[0], argv, containerd.ctr_env)
-    output = b""
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 1)
-            if ready:
-                try:
-                    chunk = os.read(master, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                output += chunk
-    finally:
-        os.close(master)
-        _, status = os.waitpid(pid, 0)
+    command = ("sh", "-c", "sleep 0.5; stty size; tty")
+    status, output = containerd.ctr_in_terminal(
+        "run", "-t", "--rm", "--runtime", RUNTIME, containerd.image, "tty", *command
+    )
     text = output.decode(errors="replace")
     assert "37 113" in text, text
     assert "/dev/pts/" in text, text
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert status == 0
 
 
 def test_fifty_megabytes_of_output_arrive_byte_exact(containerd: PrivateContainerd) -> None:

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import pty
-import select
-import struct
 import subprocess
-import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,34 +182,14 @@ def test_stdin_reaches_the_container(containerd: PrivateContainerd) -> None:
 
 
 def test_run_with_terminal_sees_its_size(containerd: PrivateContainerd) -> None:
-    pid, master = pty.fork()
-    if pid == 0:
-        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 37, 113, 0, 0))
-        argv = containerd.ctr_command(
-            "run", "-t", "--rm", "--runtime", RUNTIME, containerd.image, "rs-tty",
-            "sh", "-c", "sleep 0.5; stty size; [ -t 0 ] && [ -t 1 ] && echo on-a-terminal",
-        )  # fmt: skip
-        os.execve(argv[0], argv, containerd.ctr_env)
-    output = b""
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 1)
-            if ready:
-                try:
-                    chunk = os.read(master, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                output += chunk
-    finally:
-        os.close(master)
-        _, status = os.waitpid(pid, 0)
+    command = ("sh", "-c", "sleep 0.5; stty size; [ -t 0 ] && [ -t 1 ] && echo on-a-terminal")
+    status, output = containerd.ctr_in_terminal(
+        "run", "-t", "--rm", "--runtime", RUNTIME, containerd.image, "rs-tty", *command
+    )
     text = output.decode(errors="replace")
     assert "37 113" in text, text
     assert "on-a-terminal" in text, text
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert status == 0
 
 
 def test_runsc_toml_flags_take_effect(containerd: PrivateContainerd, tmp_path: Path) -> None:

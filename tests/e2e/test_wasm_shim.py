@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
-import select
 import subprocess
 import time
 from collections.abc import Iterator
@@ -228,22 +226,8 @@ def test_trap_and_the_module_cache(containerd: PrivateContainerd, work: Path) ->
 
 
 def test_run_with_terminal(containerd: PrivateContainerd) -> None:
-    pid, master = pty.fork()
-    if pid == 0:
-        argv = containerd.ctr_command("run", "-t", "--rm", "--runtime", RUNTIME, IMAGE, "tty")
-        os.execve(argv[0], [*argv, "/echo.wasm", "on a tty"], containerd.ctr_env)
-    output = b""
-    try:
-        while select.select([master], [], [], 30)[0]:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # EIO: ctr exited and closed the terminal
-                break
-            if not chunk:
-                break
-            output += chunk
-    finally:
-        os.close(master)
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, output
+    status, output = containerd.ctr_in_terminal(
+        "run", "-t", "--rm", "--runtime", RUNTIME, IMAGE, "tty", "/echo.wasm", "on a tty"
+    )
+    assert status == 0, output
     assert b"arg on a tty\r" in output  # a pty turns \n into \r\n
