@@ -24,10 +24,9 @@ class Service:
     methods: Mapping[str, Method]
 
 
-def service_from_descriptor(descriptor: ServiceDescriptor, name: str | None = None) -> Service:
+def service_from_descriptor(descriptor: ServiceDescriptor) -> Service:
     """Describe a service from its generated descriptor (`<module>.DESCRIPTOR.services_by_name`).
 
-    `name` overrides the full name, e.g. to serve the v2 Task messages as containerd.task.v3.Task.
     Streaming methods are not supported by this package yet and are rejected.
     """
     methods: dict[str, Method] = {}
@@ -37,4 +36,4 @@ def service_from_descriptor(descriptor: ServiceDescriptor, name: str | None = No
         methods[method.name] = Method(
             method.name, GetMessageClass(method.input_type), GetMessageClass(method.output_type)
         )
-    return Service(name or descriptor.full_name, MappingProxyType(methods))
+    return Service(descriptor.full_name, MappingProxyType(methods))
