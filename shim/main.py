@@ -1,6 +1,6 @@
 """Entry point of every pyshim binary: ``start``, ``delete``, ``-v``, ``-info`` or serve.
 
-Kept to the standard library: this module runs on every container start.
+Kept to interpreter built-ins: this module runs on every container start and delete.
 """
 
 from __future__ import annotations
@@ -105,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         stdin = b"" if sys.stdin.isatty() else sys.stdin.buffer.read()
         sys.stdout.buffer.write(runtime_info(binary, stdin).SerializeToString())
         return 0
-    if flags.action == "start":
-        from shim.manager import start
+    if flags.action in ("start", "delete"):
+        from shim.relay import relay
 
-        return start(flags, binary)
-    if flags.action == "delete":
-        from shim.manager import delete
+        code = relay(argv, flags.address)  # done by the warm template: no imports here
+        if code is not None:
+            return code
+        from shim import manager
 
-        return delete(flags, binary)
+        return (manager.start if flags.action == "start" else manager.delete)(flags, binary)
     if flags.action:
         print(f"unknown action {flags.action!r}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """The short-lived shim commands containerd runs: ``start`` and ``delete``.
 
-``start`` runs once per container on the hot path: standard library only, no protobuf unless
-options are decoded, and the heavy daemon imports happen after the fork, in the child.
+Both normally run in a child of the warm template (shim.relay, shim.template); here only when
+no template can be reached, at the cost of this process's imports.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 from shim.bootstrap import answer, read_request
 from shim.main import Flags
+from shim.relay import SOCKET_DIR
 
-SOCKET_DIR = "/run/containerd/s"  # containerd's default state dir; the reference shims hard-code it
 GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
 MAX_SOCKET_PATH = 106
 
@@ -103,7 +104,10 @@ def _copy_oom_score(child: int) -> None:
         pass
 
 
-def start(flags: Flags, binary: str) -> int:
+def start(
+    flags: Flags, binary: str, launch: Callable[[Flags, socket.socket], int] | None = None
+) -> int:
+    """Print the shim's address, and have ``launch`` serve it (default: a forked daemon)."""
     bundle = flags.bundle or os.getcwd()
     request = read_request(flags, b"" if sys.stdin.isatty() else sys.stdin.buffer.read())
     flags = request.flags
@@ -119,8 +123,11 @@ def start(flags: Flags, binary: str) -> int:
         return 1
     _write_atomically(os.path.join(bundle, "address"), address)
     if sock is not None:
-        child = _daemon_from_template(flags, binary, sock, os.path.dirname(path))
-        sock.close()
+        if launch is None:
+            child = _spawn_daemon(flags, binary, sock)
+            sock.close()
+        else:
+            child = launch(flags, sock)
         _write_atomically(os.path.join(bundle, "shim.pid"), str(child))
         _copy_oom_score(child)
     sys.stdout.buffer.write(answer(request, address, os.environ))
@@ -128,29 +135,26 @@ def start(flags: Flags, binary: str) -> int:
     return 0
 
 
-def _daemon_from_template(flags: Flags, binary: str, sock: socket.socket, socket_dir: str) -> int:
-    """A daemon forked by the warmed template (shim.template), or by us if none answers."""
-    from shim.template import request_daemon, template_path
+def detach() -> None:
+    """A session of its own and none of containerd's pipes, or `start` would seem to hang
+    until this process died (containerd reads its stdout to EOF)."""
+    os.setsid()
+    null_stdio()
 
-    try:
-        return request_daemon(template_path(socket_dir, flags.address), flags, binary, sock)
-    except OSError:
-        # Nothing printed: containerd reads stdout and stderr together as the address.
-        return _spawn_daemon(flags, binary, sock)
+
+def null_stdio() -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 def _spawn_daemon(flags: Flags, binary: str, sock: socket.socket) -> int:
     pid = os.fork()
     if pid:
         return pid
-    # The daemon: a session of its own and none of containerd's pipes, or `start` would seem
-    # to hang until the daemon died (containerd reads our stdout to EOF).
     try:
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
+        detach()
         from shim.daemon import serve
 
         code = serve(flags, binary, sock)
@@ -178,17 +182,7 @@ def _remove_dead_socket(bundle: str) -> None:
 
 
 def delete(flags: Flags, binary: str) -> int:
-    """Clean up after a dead shim. Prints only the DeleteResponse; safe to run twice.
-
-    Runs in the warm template (shim.template) when one still serves this containerd."""
-    from shim.template import request_delete, template_path
-
-    socket_dir = os.path.dirname(_shim_socket(flags.bundle or os.getcwd()) or SOCKET_DIR + "/")
-    code = request_delete(template_path(socket_dir, flags.address), flags, binary)
-    return delete_here(flags, binary) if code is None else code
-
-
-def delete_here(flags: Flags, binary: str) -> int:
+    """Clean up after a dead shim. Prints only the DeleteResponse; safe to run twice."""
     from shim.runtimes.registry import find_runtime, runtime_name_from_binary
 
     bundle = flags.bundle or os.getcwd()

@@ -43,6 +43,11 @@ class CliOptions:
     def extra_global_args(self) -> list[str]:
         return []
 
+    def may_hold(self, namespace: str, container_id: str) -> bool:
+        """Whether the runtime may still keep state for the container (then ``delete`` must
+        run it). Unknown layouts: always."""
+        return True
+
     def save(self, bundle: str) -> None:
         path = os.path.join(bundle, OPTIONS_FILE)
         with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
@@ -257,10 +262,11 @@ def cleanup(options: CliOptions, namespace: str, bundle: str, container_id: str)
     """The ``delete`` command of an OCI-CLI backend: force-delete the container in the runtime,
     unmount the rootfs, and return the init pid (0 if unknown)."""
     argv = [*options.global_args(namespace, bundle), "delete", "--force", container_id]
-    try:
-        subprocess.run(argv, capture_output=True, timeout=CLEANUP_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("%s delete --force %s: %s", options.binary_name, container_id, exc)
+    if options.may_hold(namespace, container_id):  # containerd runs `delete` after every shim
+        try:
+            subprocess.run(argv, capture_output=True, timeout=CLEANUP_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("%s delete --force %s: %s", options.binary_name, container_id, exc)
     unmount_all(os.path.join(bundle, "rootfs"))
     try:
         return read_pid(os.path.join(bundle, "init.pid"))

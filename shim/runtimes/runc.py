@@ -33,6 +33,12 @@ class RuncOptions(oci.CliOptions):
     no_new_keyring: bool = False
     criu_work_path: str = ""
 
+    def may_hold(self, namespace: str, container_id: str) -> bool:
+        # runc keeps a container's state in a directory named by its id, gone once deleted.
+        if os.path.basename(self.binary_name) != "runc":
+            return True
+        return os.path.lexists(os.path.join(self.root, namespace, container_id))
+
     @classmethod
     def from_any(cls, options: Any | None) -> RuncOptions:
         if options is None or options.type_url != OPTIONS_URL:

@@ -2,8 +2,9 @@
 
 Each process (init or exec) is a child of the shim running ``shim.wasm.runner``, placed in the
 container's cgroup, so Kill, Pause/Resume, Pids, Stats and Update act on it like on a Linux
-container. The daemon itself never imports wasmtime: compilation happens in the child, and a
-stuck or crashing module takes only its own process down.
+container. The child is a fork of the daemon, which (like the template it came from) has
+wasmtime imported but never compiles or runs a module itself: a stuck or crashing module takes
+only its own process down.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import json
 import logging
 import os
 import signal
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from shim.runtimes.base import Container, ContainerConfig, Launched, ProcessStdio, Runtime
-from shim.sys.spawn import spawn
+from shim.sys.spawn import fork_call
 from shim.ttrpc.errors import Code, TtrpcError
+from shim.wasm import runner
 from shim.wasm.cgroup import ContainerCgroup, cgroup_path
 
 log = logging.getLogger(__name__)
@@ -202,9 +203,10 @@ class WasmContainer(Container):
             else:
                 given = (stdio.stdin, stdio.stdout, stdio.stderr)
                 fds = {target: fd for target, fd in enumerate(given) if fd is not None}
-            argv = [sys.executable, "-I", "-m", "shim.wasm.runner", request]
-            pid, exited = spawn(
-                self._context.reaper, argv, fds={**fds, 3: report_write, 4: start_read}
+            pid, exited = fork_call(
+                self._context.reaper,
+                lambda: runner.run(request),
+                fds={**fds, runner.REPORT_FD: report_write, runner.START_FD: start_read},
             )
         self._children[pid] = exited
         exited.add_done_callback(lambda _: self._children.pop(pid, None))

@@ -1,4 +1,5 @@
-"""Starting children of the daemon: posix_spawn, registered with the reaper before returning.
+"""Starting children of the daemon: posix_spawn (or a plain fork, for a child that runs our own
+Python code), registered with the reaper before returning.
 
 posix_spawn uses vfork-like cloning, so the (possibly large) Python heap is never copied, and no
 Python code runs in the child. The price: no per-child setup such as a parent-death signal, and
@@ -11,11 +12,13 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import gc
 import os
 import signal
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from shim.sys.fds import close_all_except
 from shim.sys.reaper import Exit, Reaper
 
 _READ_CHUNK = 65536
@@ -44,6 +47,44 @@ def spawn(
         child_fds = {0: null, 1: null, 2: null, **(fds or {})}
         pid = _start(argv, child_fds, env)
     return pid, reaper.watch(pid)
+
+
+def fork_call(
+    reaper: Reaper, function: Callable[[], int], *, fds: Mapping[int, int]
+) -> tuple[int, asyncio.Future[Exit]]:
+    """Start a child that runs ``function()`` in a fork of the daemon and exits with its result.
+
+    For a child that needs what the daemon (and the template it came from) already imported:
+    no exec, no imports, and those pages stay shared. The child gets the `fds` (child fd ->
+    our fd), /dev/null for any of 0-2 not given, none of our other fds, and default handlers
+    for the signals the event loop caught; it must never return into the event loop."""
+    with _dev_null() as null:
+        child_fds = {0: null, 1: null, 2: null, **fds}
+        pid = os.fork()
+        if pid == 0:
+            code = 127
+            try:
+                _become_forked_child(child_fds)
+                code = function()
+            finally:
+                os._exit(code)
+    return pid, reaper.watch(pid)
+
+
+def _become_forked_child(child_fds: Mapping[int, int]) -> None:
+    gc.freeze()  # a collection would touch, and so copy, every inherited object
+    signal.set_wakeup_fd(-1)
+    for signum in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError):
+            if callable(signal.getsignal(signum)):  # a Python handler: the loop's
+                signal.signal(signum, signal.SIG_DFL)
+    above = max(*child_fds, *child_fds.values()) + 1
+    moved = {
+        target: fcntl.fcntl(source, fcntl.F_DUPFD, above) for target, source in child_fds.items()
+    }
+    for target, source in moved.items():
+        os.dup2(source, target)
+    close_all_except(child_fds)
 
 
 async def run_command(

@@ -1,9 +1,10 @@
-"""The child process that runs one wasm module: ``python -I -m shim.wasm.runner REQUEST``.
+"""The child process that runs one wasm module: ``run(REQUEST)`` in a fork of the shim.
 
-The shim starts it with the process's stdio on fds 0-2, a report pipe on fd 3 and a start pipe
-on fd 4. It compiles (or loads from the cache) and instantiates the module, reports "ready",
-and runs the module only when the shim writes to the start pipe: by then it is in the
-container's cgroup and containerd has asked for Start. Its exit code is the module's.
+The shim forks it (shim.sys.spawn.fork_call) with the process's stdio on fds 0-2, a report pipe
+on fd 3 and a start pipe on fd 4. It compiles (or loads from the cache) and instantiates the
+module, reports "ready", and runs the module only when the shim writes to the start pipe: by
+then it is in the container's cgroup and containerd has asked for Start. Its exit code is the
+module's.
 
 REQUEST is JSON: module and rootfs (host paths), cwd (a host directory inside the rootfs, or
 null for "/"), args, env, memory_limit, cache_dir, cache_max_bytes. Reports are JSON lines
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sys
 import time
 from typing import Any
 
@@ -34,11 +33,11 @@ def report(**message: Any) -> None:
     os.write(REPORT_FD, (json.dumps(message) + "\n").encode())
 
 
-def main(argv: list[str]) -> int:
-    # A module in a loop never returns to the interpreter: SIGINT must act like on a native
-    # process instead of waiting for a KeyboardInterrupt that never comes.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    request = json.loads(argv[1])
+def run(request_json: str) -> int:
+    """Load, report, wait for the start pipe, run; the module's exit code. Its signals must
+    have their default actions (fork_call sees to it): a module in a loop never returns to the
+    interpreter to run a Python handler."""
+    request = json.loads(request_json)
     try:
         engine = wasmtime.Engine()
         started = time.monotonic()
@@ -88,9 +87,3 @@ def _wasi_config(config: wasmtime.WasiConfig, request: dict[str, Any]) -> wasmti
         # WASI has no working directory; libc resolves relative paths against a "." preopen.
         config.preopen_dir(request["cwd"], ".")
     return config
-
-
-if __name__ == "__main__":
-    code = main(sys.argv)
-    # Skip interpreter teardown: it only adds latency to every container exit.
-    os._exit(code)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
 
@@ -11,7 +12,7 @@ import pytest
 from test_reaper import until_gone, with_reaper, zombie_children
 
 from shim.sys.reaper import Exit, Reaper
-from shim.sys.spawn import CommandResult, run_command, spawn
+from shim.sys.spawn import CommandResult, fork_call, run_command, spawn
 
 
 def open_fds() -> set[int]:
@@ -172,3 +173,36 @@ def test_spawn_gives_dev_null_for_unmapped_stdio() -> None:
         assert read_all(read_end) == b"/dev/null\n/dev/null\n"
     finally:
         os.close(read_end)
+
+
+def test_fork_call_gives_the_child_only_its_fds_and_default_signal_actions() -> None:
+    """The wasm runner's start: a fork running our function, with the fds it was given (even
+    when a source is another one's target), none of ours, and no event-loop handler."""
+    before = open_fds()
+    report_read, report_write = os.pipe()
+    stray_read, stray_write = os.pipe()  # ours only: must be closed in the child
+
+    def child() -> int:
+        fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+        handler = signal.getsignal(signal.SIGTERM)
+        os.write(1, f"{fds} {handler == signal.SIG_DFL}".encode())
+        return 7
+
+    async def body(reaper: Reaper) -> Exit:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: None)
+        # Target 1 gets fd 3's pipe while target 3 gets the write end: sources cross targets.
+        _pid, exited = fork_call(reaper, child, fds={1: report_write, 3: stray_write})
+        return await asyncio.wait_for(exited, 10)
+
+    exit_status = with_reaper(body)
+    os.close(report_write)
+    os.close(stray_write)
+    printed = read_all(report_read).decode()
+    os.close(report_read)
+    os.close(stray_read)
+    assert exit_status.status == 7
+    # 0-3 plus the fd listdir itself opens; no stray pipe end, no loop fd.
+    fds, default = printed.rsplit(" ", 1)
+    assert fds == "[0, 1, 2, 3, 4]"
+    assert default == "True"
+    assert open_fds() == before

@@ -1,9 +1,12 @@
-"""The warm template: `start` gets daemons forked from one template, which exits when idle."""
+"""The warm template: `start` and `delete` are relayed to one template, which forks the daemons
+and exits when idle."""
 
 from __future__ import annotations
 
 import asyncio
+import marshal
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +16,7 @@ import pytest
 from google.protobuf.empty_pb2 import Empty
 
 from shim.api.task.v2 import shim_pb2 as api
-from shim.manager import SOCKET_DIR
+from shim.relay import SOCKET_DIR, decode_request, encode_request, template_path
 from shim.template import IDLE_EXIT, TEMPLATE_COMM
 from shim.ttrpc.client import Client
 
@@ -94,3 +97,51 @@ def test_daemons_share_one_template_which_exits_when_idle(tmp_path: Path) -> Non
         asyncio.run(shutdown(printed, task_id))
     assert all(wait_gone(pid, timeout=10) for pid in daemons)
     assert wait_gone(template, timeout=IDLE_EXIT + 10)
+
+
+def test_relay_request_round_trips_and_rejects_malformed_ones() -> None:
+    argv, env = [SHIM, "-id", "x", "start"], {"PATH": "/bin"}
+    assert decode_request(encode_request(argv, "/b", env)) == (argv, "/b", env)
+    for bad in ((SHIM, "/b", env), ([], "/b", env), ([SHIM], 7, env), ([SHIM], "/b", [])):
+        with pytest.raises(ValueError):
+            decode_request(marshal.dumps(bad))
+
+
+@pytest.mark.timeout(60)
+def test_template_survives_malformed_requests(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip(f"start binds under {SOCKET_DIR}, which needs root")
+    address = f"/pyshim-template-unit-{os.getpid()}-bad.sock"
+    env = {"PATH": os.environ["PATH"], "TTRPC_ADDRESS": address + ".ttrpc"}
+
+    def start(task_id: str) -> subprocess.CompletedProcess[bytes]:
+        bundle = tmp_path / task_id
+        bundle.mkdir()
+        (bundle / "config.json").write_text("{}")
+        argv = [SHIM, "-namespace", "unit", "-address", address, "-id", task_id, "start"]
+        return subprocess.run(
+            argv, cwd=bundle, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=30
+        )
+
+    first = start("first")
+    assert first.returncode == 0, first.stderr
+    path = template_path(address, SHIM)
+    garbage = [
+        (b"\x00not marshal", True),  # undecodable, with descriptors
+        (marshal.dumps(([SHIM, "start"], "/", {})), False),  # no descriptors
+        (marshal.dumps("a string"), True),
+    ]
+    for payload, with_fds in garbage:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.settimeout(10)
+            conn.connect(path)
+            fds = [0, 1, 2] if with_fds else []
+            socket.send_fds(conn, [payload], fds)
+            assert conn.recv(100) == b""  # refused: no ack, nothing done
+    second = start("second")
+    assert second.returncode == 0, second.stderr
+    daemons = [int((tmp_path / t / "shim.pid").read_text()) for t in ("first", "second")]
+    assert parent_of(daemons[0]) == parent_of(daemons[1])  # the same template served both
+    for task_id, started in (("first", first), ("second", second)):
+        asyncio.run(shutdown(started.stdout.decode(), task_id))
+    assert all(wait_gone(pid, timeout=10) for pid in daemons)
