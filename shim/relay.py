@@ -37,8 +37,11 @@ STDIO = (0, 1, 2)
 
 
 def template_path(containerd_address: str, program: str) -> str:
-    """One template per containerd and per shim program (a new install gets a new one)."""
-    key = sha256(f"{containerd_address}\0{os.path.realpath(program)}".encode()).hexdigest()
+    """One template per containerd and per shim program; reinstalling the program (a new
+    file) gets a new template, so new containers run the new code."""
+    program = os.path.realpath(program)
+    installed = os.stat(program).st_mtime_ns
+    key = sha256(f"{containerd_address}\0{program}\0{installed}".encode()).hexdigest()
     return os.path.join(SOCKET_DIR, f"pyshim-template-{key[:32]}")
 
 
@@ -62,7 +65,10 @@ def decode_request(data: bytes) -> tuple[list[str], str, dict[str, str]]:
 def relay(argv: list[str], containerd_address: str) -> int | None:
     """The exit code of the command done by the template, or None when no template could take
     it (the caller then does it here)."""
-    path = template_path(containerd_address, argv[0])
+    try:
+        path = template_path(containerd_address, argv[0])
+    except OSError:  # not run by its path: no template to find
+        return None
     request = encode_request(argv, os.getcwd(), dict(os.environ))
     descriptors = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in STDIO)
     for _ in range(ATTEMPTS):

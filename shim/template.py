@@ -37,6 +37,7 @@ IDLE_EXIT = 1.0  # seconds without a child before the template exits
 
 def spawn_template(path: str, binary: str) -> None:
     """Bind the template socket here (so a concurrent start finds it) and fork the template."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     old_umask = os.umask(0o177)
     try:

@@ -16,7 +16,7 @@ import pytest
 from google.protobuf.empty_pb2 import Empty
 
 from shim.api.task.v2 import shim_pb2 as api
-from shim.relay import SOCKET_DIR, decode_request, encode_request, template_path
+from shim.relay import SOCKET_DIR, decode_request, encode_request, relay, template_path
 from shim.template import IDLE_EXIT, TEMPLATE_COMM
 from shim.ttrpc.client import Client
 
@@ -145,3 +145,8 @@ def test_template_survives_malformed_requests(tmp_path: Path) -> None:
     for task_id, started in (("first", first), ("second", second)):
         asyncio.run(shutdown(started.stdout.decode(), task_id))
     assert all(wait_gone(pid, timeout=10) for pid in daemons)
+
+
+def test_relay_declines_when_the_program_is_not_run_by_its_path() -> None:
+    # No template can be keyed for it: main() then does the command in its own process.
+    assert relay(["no-such-shim-program", "-id", "x", "delete"], "/unused.sock") is None
