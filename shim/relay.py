@@ -80,7 +80,7 @@ def relay(argv: list[str], containerd_address: str) -> int | None:
             except (FileNotFoundError, ConnectionRefusedError):
                 from shim.template import spawn_template
 
-                spawn_template(path, os.path.basename(argv[0]))
+                spawn_template(path, argv[0], containerd_address)
                 continue
             conn.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, descriptors)])
             if not conn.recv(MESSAGE_MAX):

@@ -29,13 +29,14 @@ from collections.abc import Callable
 from shim.main import Flags, parse_flags
 from shim.manager import detach, null_stdio
 from shim.relay import MESSAGE_MAX, REPLY_TIMEOUT, STDIO, decode_request
+from shim.sys.cmdline import set_cmdline
 from shim.sys.fds import close_all_except
 
 TEMPLATE_COMM = "pyshim-template"
 IDLE_EXIT = 1.0  # seconds without a child before the template exits
 
 
-def spawn_template(path: str, binary: str) -> None:
+def spawn_template(path: str, program: str, containerd_address: str) -> None:
     """Bind the template socket here (so a concurrent start finds it) and fork the template."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -64,7 +65,7 @@ def spawn_template(path: str, binary: str) -> None:
             # Keep only the listener: an inherited fd such as the first daemon's shim socket
             # would keep that socket connectable (a hang, not a refusal) after the daemon died.
             close_all_except([0, 1, 2, listener.fileno()])
-            code = _serve_template(listener, binary)
+            code = _serve_template(listener, program, containerd_address)
         finally:
             os._exit(code)
     listener.close()
@@ -75,8 +76,10 @@ def _set_comm(name: str) -> None:
         f.write(name[:15])
 
 
-def _serve_template(listener: socket.socket, binary: str) -> int:
+def _serve_template(listener: socket.socket, program: str, containerd_address: str) -> int:
     _set_comm(TEMPLATE_COMM)
+    set_cmdline([program, "-address", containerd_address, "template"])
+    binary = os.path.basename(program)
     # Everything a daemon imports, imported once here and shared by every fork.
     from shim.runtimes.registry import find_runtime, runtime_name_from_binary
 
@@ -179,6 +182,10 @@ def _run(argv: list[str], reply: Callable[[int], object]) -> int:
     flags, _unknown = parse_flags(argv[1:])
     binary = os.path.basename(argv[0])
     _set_comm(binary)
+    shown = argv
+    if flags.action == "start":  # the daemon's, as containerd's shims show it: no action
+        shown = argv[: len(argv) - 1 - argv[::-1].index("start")]
+    set_cmdline(shown)
     if flags.action == "delete":
         code = delete(flags, binary)
         reply(code)

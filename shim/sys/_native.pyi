@@ -1,7 +1,11 @@
 # Types of the cffi module built by native_build.py (keep the two in step).
 
+class _CData: ...
+
 class _FFI:
     errno: int
+    def cast(self, ctype: str, value: int) -> _CData: ...
+    def memmove(self, dest: _CData, src: bytes, n: int) -> None: ...
 
 class _Lib:
     MS_RDONLY: int

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.empty_pb2 import Empty
-from harness import PrivateContainerd, wait_until
+from harness import PrivateContainerd, process_args, wait_until
 
 from shim.api.task.v2 import shim_pb2 as api
 from shim.sys.cgroups import Cgroup
@@ -96,6 +96,23 @@ def test_detached_task_lists_running_and_exec_works(containerd: PrivateContainer
     )
     assert piped.stdout == "hi\nend\n"
     containerd.kill_and_delete("det")
+
+
+def test_each_shim_shows_its_own_container_id(containerd: PrivateContainerd) -> None:
+    """ps / pgrep -f find a container's shim by its id, as with containerd's own shims, though
+    every daemon is forked from one template."""
+    names = ("shown-first", "shown-second-with-a-longer-id")
+    for name in names:
+        containerd.run_detached(name, "sleep", "1000")
+    for name, other in (names, names[::-1]):
+        shim = int((containerd.bundle(name) / "shim.pid").read_text())
+        argv = process_args(shim)[0]
+        assert Path(argv[0]).name == "containerd-shim-pyrunc-v1"
+        assert argv[argv.index("-id") + 1] == name
+        assert other not in argv
+        assert "start" not in argv
+    for name in names:
+        containerd.kill_and_delete(name)
 
 
 def test_twenty_concurrent_execs(containerd: PrivateContainerd) -> None:
