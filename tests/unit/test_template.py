@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import marshal
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -150,3 +151,33 @@ def test_template_survives_malformed_requests(tmp_path: Path) -> None:
 def test_relay_declines_when_the_program_is_not_run_by_its_path() -> None:
     # No template can be keyed for it: main() then does the command in its own process.
     assert relay(["no-such-shim-program", "-id", "x", "delete"], "/unused.sock") is None
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_template_is_replaced_and_its_daemons_keep_serving(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip(f"start binds under {SOCKET_DIR}, which needs root")
+    address = f"/pyshim-template-unit-{os.getpid()}-killed.sock"
+    env = {"PATH": os.environ["PATH"], "TTRPC_ADDRESS": address + ".ttrpc"}
+
+    def start(task_id: str) -> tuple[str, int]:
+        bundle = tmp_path / task_id
+        bundle.mkdir()
+        (bundle / "config.json").write_text("{}")
+        argv = [SHIM, "-namespace", "unit", "-address", address, "-id", task_id, "start"]
+        started = subprocess.run(
+            argv, cwd=bundle, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=30
+        )
+        assert started.returncode == 0, started.stderr
+        return started.stdout.decode(), int((bundle / "shim.pid").read_text())
+
+    first_address, first = start("first")
+    old_template = parent_of(first)
+    os.kill(old_template, signal.SIGKILL)  # its socket file stays behind, refusing connections
+    assert wait_gone(old_template, timeout=10)
+    second_address, second = start("second")
+    assert parent_of(second) not in (old_template, 1)
+    assert comm(parent_of(second)) == TEMPLATE_COMM
+    for task_id, printed in (("first", first_address), ("second", second_address)):
+        asyncio.run(shutdown(printed, task_id))  # the orphaned daemon still answers
+    assert all(wait_gone(pid, timeout=10) for pid in (first, second))
