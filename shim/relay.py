@@ -9,8 +9,8 @@ its code.
 
 Protocol on the template's SOCK_SEQPACKET socket, each message marshalled:
     request  (argv, cwd, env) + SCM_RIGHTS [stdin, stdout, stderr]
-    ack      pid of the child doing the command
-    result   its exit code
+    ack      the template's pid, once it has taken the request
+    result   the exit code of the child that did the command
 An ack that never comes means the template exited without taking the request (nothing was
 done: asking again is safe); a result that never comes means the child died.
 """

@@ -58,6 +58,7 @@ def spawn_template(path: str, program: str, containerd_address: str) -> None:
     finally:
         os.umask(old_umask)
     listener.listen(128)
+    identity = os.stat(path).st_ino
     if os.fork() == 0:
         code = 1
         try:
@@ -65,10 +66,18 @@ def spawn_template(path: str, program: str, containerd_address: str) -> None:
             # Keep only the listener: an inherited fd such as the first daemon's shim socket
             # would keep that socket connectable (a hang, not a refusal) after the daemon died.
             close_all_except([0, 1, 2, listener.fileno()])
-            code = _serve_template(listener, program, containerd_address)
+            code = _serve_template(listener, identity, program, containerd_address)
         finally:
+            _unlink_if_ours(path, identity)  # also when the imports failed
             os._exit(code)
     listener.close()
+
+
+def _unlink_if_ours(path: str, identity: int) -> None:
+    """Remove the template socket unless a newer template has bound the path since."""
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == identity:
+            os.unlink(path)
 
 
 def _set_comm(name: str) -> None:
@@ -76,7 +85,9 @@ def _set_comm(name: str) -> None:
         f.write(name[:15])
 
 
-def _serve_template(listener: socket.socket, program: str, containerd_address: str) -> int:
+def _serve_template(
+    listener: socket.socket, identity: int, program: str, containerd_address: str
+) -> int:
     _set_comm(TEMPLATE_COMM)
     set_cmdline([program, "-address", containerd_address, "template"])
     binary = os.path.basename(program)
@@ -99,7 +110,6 @@ def _serve_template(listener: socket.socket, program: str, containerd_address: s
                 children.discard(pid)
 
     path = listener.getsockname()
-    identity = os.stat(path).st_ino
     listener.settimeout(IDLE_EXIT / 4)
     idle_since = time.monotonic()
     while True:
@@ -119,9 +129,7 @@ def _serve_template(listener: socket.socket, program: str, containerd_address: s
         elif time.monotonic() - idle_since > IDLE_EXIT:
             break
     # New requests must spawn a new template; those already queued are still served.
-    with contextlib.suppress(OSError):
-        if os.stat(path).st_ino == identity:
-            os.unlink(path)
+    _unlink_if_ours(path, identity)
     listener.setblocking(False)
     with contextlib.suppress(BlockingIOError):
         while True:

@@ -4,6 +4,7 @@ and exits when idle."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import marshal
 import os
 import signal
@@ -18,7 +19,7 @@ from google.protobuf.empty_pb2 import Empty
 
 from shim.api.task.v2 import shim_pb2 as api
 from shim.relay import SOCKET_DIR, decode_request, encode_request, relay, template_path
-from shim.template import IDLE_EXIT, TEMPLATE_COMM
+from shim.template import IDLE_EXIT, TEMPLATE_COMM, spawn_template
 from shim.ttrpc.client import Client
 
 SHIM = str(Path(sys.executable).with_name("containerd-shim-pyrunc-v1"))
@@ -181,3 +182,18 @@ def test_a_killed_template_is_replaced_and_its_daemons_keep_serving(tmp_path: Pa
     for task_id, printed in (("first", first_address), ("second", second_address)):
         asyncio.run(shutdown(printed, task_id))  # the orphaned daemon still answers
     assert all(wait_gone(pid, timeout=10) for pid in (first, second))
+
+
+def test_a_template_that_cannot_start_removes_its_socket(tmp_path: Path) -> None:
+    """Its imports fail (no backend of that name): the next request must not find a socket
+    that refuses it."""
+    path = str(tmp_path / "pyshim-template-test")
+    spawn_template(path, "/nowhere/containerd-shim-nosuchbackend-v1", "/unused.sock")
+    assert os.path.exists(path)  # bound before the fork: a concurrent start would queue on it
+    deadline = time.monotonic() + 10
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not os.path.exists(path)
+    with contextlib.suppress(ChildProcessError):  # the failed template was our child
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
