@@ -59,45 +59,60 @@ async def shutdown(address: str, task_id: str) -> None:
         await client.close()
 
 
+class Shims:
+    """Runs the real shim program's `start` and `delete` as containerd would, for a fake
+    containerd address of its own (so each test gets its own template)."""
+
+    def __init__(self, tmp_path: Path, name: str) -> None:
+        if os.geteuid() != 0:
+            pytest.skip(f"start binds under {SOCKET_DIR}, which needs root")
+        self.tmp_path = tmp_path
+        self.address = f"/pyshim-template-unit-{os.getpid()}-{name}.sock"
+        self.env = {"PATH": os.environ["PATH"], "TTRPC_ADDRESS": self.address + ".ttrpc"}
+
+    def run(self, task_id: str, action: str) -> subprocess.CompletedProcess[bytes]:
+        bundle = self.tmp_path / task_id
+        bundle.mkdir(exist_ok=True)
+        (bundle / "config.json").write_text("{}")
+        argv = [SHIM, "-namespace", "unit", "-address", self.address, "-id", task_id, action]
+        done = subprocess.run(
+            argv,
+            cwd=bundle,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        return done
+
+    def start(self, task_id: str) -> tuple[str, int]:
+        """The address printed and the daemon's pid."""
+        printed = self.run(task_id, "start").stdout.decode()
+        return printed, int((self.tmp_path / task_id / "shim.pid").read_text())
+
+    def stop(self, started: dict[str, tuple[str, int]]) -> None:
+        """Shut down the daemons of the started task ids; they must exit."""
+        for task_id, (printed, _pid) in started.items():
+            asyncio.run(shutdown(printed, task_id))
+        assert all(wait_gone(pid, timeout=10) for _printed, pid in started.values())
+
+
 @pytest.mark.timeout(60)
 def test_daemons_share_one_template_which_exits_when_idle(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip(f"start binds under {SOCKET_DIR}, which needs root")
-    address = f"/pyshim-template-unit-{os.getpid()}.sock"
-    env = {"PATH": os.environ["PATH"], "TTRPC_ADDRESS": address + ".ttrpc"}
-    daemons, addresses = [], []
-    for task_id in ("a", "b"):
-        bundle = tmp_path / task_id
-        bundle.mkdir()
-        (bundle / "config.json").write_text("{}")
-        argv = [SHIM, "-namespace", "unit", "-address", address, "-id", task_id, "start"]
-        started = subprocess.run(
-            argv, cwd=bundle, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=30
-        )
-        assert started.returncode == 0, started.stderr
-        addresses.append(started.stdout.decode())
-        daemons.append(int((bundle / "shim.pid").read_text()))
-
+    shims = Shims(tmp_path, "idle")
+    started = {task_id: shims.start(task_id) for task_id in ("a", "b")}
+    daemons = [pid for _printed, pid in started.values()]
     template = parent_of(daemons[0])
     assert parent_of(daemons[1]) == template
     assert comm(template) == TEMPLATE_COMM
     assert comm(daemons[0]) != TEMPLATE_COMM
 
     # `delete` (here of a never-created container) runs warm and prints a DeleteResponse.
-    deleted = subprocess.run(
-        [SHIM, "-namespace", "unit", "-address", address, "-id", "a", "delete"],
-        cwd=tmp_path / "a",
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=30,
-    )
-    assert deleted.returncode == 0, deleted.stderr
+    deleted = shims.run("a", "delete")
     assert api.DeleteResponse.FromString(deleted.stdout).exit_status == 137
 
-    for task_id, printed in zip(("a", "b"), addresses, strict=True):
-        asyncio.run(shutdown(printed, task_id))
-    assert all(wait_gone(pid, timeout=10) for pid in daemons)
+    shims.stop(started)
     assert wait_gone(template, timeout=IDLE_EXIT + 10)
 
 
@@ -111,23 +126,9 @@ def test_relay_request_round_trips_and_rejects_malformed_ones() -> None:
 
 @pytest.mark.timeout(60)
 def test_template_survives_malformed_requests(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip(f"start binds under {SOCKET_DIR}, which needs root")
-    address = f"/pyshim-template-unit-{os.getpid()}-bad.sock"
-    env = {"PATH": os.environ["PATH"], "TTRPC_ADDRESS": address + ".ttrpc"}
-
-    def start(task_id: str) -> subprocess.CompletedProcess[bytes]:
-        bundle = tmp_path / task_id
-        bundle.mkdir()
-        (bundle / "config.json").write_text("{}")
-        argv = [SHIM, "-namespace", "unit", "-address", address, "-id", task_id, "start"]
-        return subprocess.run(
-            argv, cwd=bundle, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=30
-        )
-
-    first = start("first")
-    assert first.returncode == 0, first.stderr
-    path = template_path(address, SHIM)
+    shims = Shims(tmp_path, "bad")
+    started = {"first": shims.start("first")}
+    path = template_path(shims.address, SHIM)
     garbage = [
         (b"\x00not marshal", True),  # undecodable, with descriptors
         (marshal.dumps(([SHIM, "start"], "/", {})), False),  # no descriptors
@@ -140,13 +141,10 @@ def test_template_survives_malformed_requests(tmp_path: Path) -> None:
             fds = [0, 1, 2] if with_fds else []
             socket.send_fds(conn, [payload], fds)
             assert conn.recv(100) == b""  # refused: no ack, nothing done
-    second = start("second")
-    assert second.returncode == 0, second.stderr
-    daemons = [int((tmp_path / t / "shim.pid").read_text()) for t in ("first", "second")]
-    assert parent_of(daemons[0]) == parent_of(daemons[1])  # the same template served both
-    for task_id, started in (("first", first), ("second", second)):
-        asyncio.run(shutdown(started.stdout.decode(), task_id))
-    assert all(wait_gone(pid, timeout=10) for pid in daemons)
+    started["second"] = shims.start("second")
+    first, second = (pid for _printed, pid in started.values())
+    assert parent_of(first) == parent_of(second)  # the same template served both
+    shims.stop(started)
 
 
 def test_relay_declines_when_the_program_is_not_run_by_its_path() -> None:
@@ -156,32 +154,16 @@ def test_relay_declines_when_the_program_is_not_run_by_its_path() -> None:
 
 @pytest.mark.timeout(60)
 def test_a_killed_template_is_replaced_and_its_daemons_keep_serving(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip(f"start binds under {SOCKET_DIR}, which needs root")
-    address = f"/pyshim-template-unit-{os.getpid()}-killed.sock"
-    env = {"PATH": os.environ["PATH"], "TTRPC_ADDRESS": address + ".ttrpc"}
-
-    def start(task_id: str) -> tuple[str, int]:
-        bundle = tmp_path / task_id
-        bundle.mkdir()
-        (bundle / "config.json").write_text("{}")
-        argv = [SHIM, "-namespace", "unit", "-address", address, "-id", task_id, "start"]
-        started = subprocess.run(
-            argv, cwd=bundle, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=30
-        )
-        assert started.returncode == 0, started.stderr
-        return started.stdout.decode(), int((bundle / "shim.pid").read_text())
-
-    first_address, first = start("first")
-    old_template = parent_of(first)
+    shims = Shims(tmp_path, "killed")
+    started = {"first": shims.start("first")}
+    old_template = parent_of(started["first"][1])
     os.kill(old_template, signal.SIGKILL)  # its socket file stays behind, refusing connections
     assert wait_gone(old_template, timeout=10)
-    second_address, second = start("second")
-    assert parent_of(second) not in (old_template, 1)
-    assert comm(parent_of(second)) == TEMPLATE_COMM
-    for task_id, printed in (("first", first_address), ("second", second_address)):
-        asyncio.run(shutdown(printed, task_id))  # the orphaned daemon still answers
-    assert all(wait_gone(pid, timeout=10) for pid in (first, second))
+    started["second"] = shims.start("second")
+    new_template = parent_of(started["second"][1])
+    assert new_template not in (old_template, 1)
+    assert comm(new_template) == TEMPLATE_COMM
+    shims.stop(started)  # the orphaned daemon still answers
 
 
 def test_a_template_that_cannot_start_removes_its_socket(tmp_path: Path) -> None:
