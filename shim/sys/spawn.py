@@ -78,13 +78,9 @@ def _become_forked_child(child_fds: Mapping[int, int]) -> None:
         with contextlib.suppress(OSError, ValueError):
             if callable(signal.getsignal(signum)):  # a Python handler: the loop's
                 signal.signal(signum, signal.SIG_DFL)
-    above = max(*child_fds, *child_fds.values()) + 1
-    moved = {
-        target: fcntl.fcntl(source, fcntl.F_DUPFD, above) for target, source in child_fds.items()
-    }
-    for target, source in moved.items():
+    for target, source in _moved_above_targets(child_fds).items():
         os.dup2(source, target)
-    close_all_except(child_fds)
+    close_all_except(child_fds)  # the moved copies too
 
 
 async def run_command(
@@ -143,14 +139,9 @@ def _start(argv: Sequence[str], child_fds: Mapping[int, int], env: Mapping[str, 
     actions: list[tuple[int, int] | tuple[int, int, int]] = [
         (os.POSIX_SPAWN_CLOSE, fd) for fd in _stray_inheritable_fds(child_fds)
     ]
-    # Move every source above all targets first, so that no dup2 overwrites a source still
-    # needed and none is a same-fd dup2 (which would keep its close-on-exec flag).
-    above = max(child_fds) + 1
-    moved: list[int] = []
+    moved = _moved_above_targets(child_fds)
+    actions += [(os.POSIX_SPAWN_DUP2, source, target) for target, source in moved.items()]
     try:
-        for target, source in child_fds.items():
-            moved.append(fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, above))
-            actions.append((os.POSIX_SPAWN_DUP2, moved[-1], target))
         return os.posix_spawnp(
             argv[0],
             list(argv),
@@ -164,8 +155,24 @@ def _start(argv: Sequence[str], child_fds: Mapping[int, int], env: Mapping[str, 
             errno.ENOENT, f"cannot run {argv[0]!r}: executable not found", argv[0]
         ) from e
     finally:
-        for fd in moved:
+        for fd in moved.values():
             os.close(fd)
+
+
+def _moved_above_targets(child_fds: Mapping[int, int]) -> dict[int, int]:
+    """Close-on-exec copies of the sources (target -> copy), all above every target: then no
+    dup2 into a target overwrites a source still needed, and none is a same-fd dup2 (which
+    would keep its close-on-exec flag)."""
+    above = max(child_fds) + 1
+    moved: dict[int, int] = {}
+    try:
+        for target, source in child_fds.items():
+            moved[target] = fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, above)
+    except BaseException:
+        for fd in moved.values():
+            os.close(fd)
+        raise
+    return moved
 
 
 def _stray_inheritable_fds(targets: Mapping[int, int]) -> list[int]:
