@@ -56,25 +56,28 @@ def _write_atomically(path: str, content: str) -> None:
     os.rename(tmp, path)
 
 
-def _is_alive(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _is_alive(path: str, kind: int = socket.SOCK_STREAM) -> bool:
+    """Whether something listens at ``path``; one too busy to accept at once counts."""
+    probe = socket.socket(socket.AF_UNIX, kind)
     probe.settimeout(0.1)
     try:
         probe.connect(path)
         return True
+    except TimeoutError:
+        return True  # a full backlog: alive, only busy
     except OSError:
         return False
     finally:
         probe.close()
 
 
-def bind_socket(path: str) -> socket.socket | None:
-    """A listening socket at ``path``, or None when a live shim already serves it."""
+def bind_socket(path: str, kind: int = socket.SOCK_STREAM) -> socket.socket | None:
+    """A listening socket at ``path``, or None when a live server already listens there."""
     if len(path) > MAX_SOCKET_PATH:
         raise OSError(errno.ENAMETOOLONG, f"socket path too long: {path}")
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     for _ in range(2):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, kind)
         try:
             old_umask = os.umask(0o177)  # the socket is created 0600: only root reaches it
             try:
@@ -87,9 +90,12 @@ def bind_socket(path: str) -> socket.socket | None:
             sock.close()
             if exc.errno != errno.EADDRINUSE:
                 raise
-            if _is_alive(path):
+            if _is_alive(path, kind):
                 return None
-            os.unlink(path)  # a dead shim's leftover (SIGKILL leaves the file)
+            # A dead server's leftover (SIGKILL leaves the file); another starter may have
+            # removed it first.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     raise OSError(errno.EADDRINUSE, f"cannot bind {path}")
 
 

@@ -16,7 +16,6 @@ The template names itself TEMPLATE_COMM (/proc/PID/comm) so tools can tell it fr
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import importlib
 import marshal
@@ -27,7 +26,7 @@ import traceback
 from collections.abc import Callable
 
 from shim.main import Flags, parse_flags
-from shim.manager import detach, null_stdio
+from shim.manager import bind_socket, delete, detach, null_stdio, start
 from shim.relay import MESSAGE_MAX, REPLY_TIMEOUT, STDIO, decode_request
 from shim.sys.cmdline import set_cmdline
 from shim.sys.fds import close_all_except
@@ -37,27 +36,11 @@ IDLE_EXIT = 1.0  # seconds without a child before the template exits
 
 
 def spawn_template(path: str, program: str, containerd_address: str) -> None:
-    """Bind the template socket here (so a concurrent start finds it) and fork the template."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    old_umask = os.umask(0o177)
-    try:
-        listener.bind(path)
-    except OSError as exc:
-        listener.close()
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        with contextlib.suppress(OSError):  # a dead template's socket, or a live one: retry
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            with probe:
-                probe.connect(path)
-                return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    """Bind the template socket here (so a concurrent request finds it) and fork the template;
+    nothing to do when a live template already listens there."""
+    listener = bind_socket(path, socket.SOCK_SEQPACKET)
+    if listener is None:
         return
-    finally:
-        os.umask(old_umask)
-    listener.listen(128)
     identity = os.stat(path).st_ino
     if os.fork() == 0:
         code = 1
@@ -94,8 +77,7 @@ def _serve_template(
     # Everything a daemon imports, imported once here and shared by every fork.
     from shim.runtimes.registry import find_runtime, runtime_name_from_binary
 
-    for module in ("shim.daemon", "shim.manager"):
-        importlib.import_module(module)
+    importlib.import_module("shim.daemon")  # shim.manager is imported already
     find_runtime(runtime_name_from_binary(binary))
     gc.collect()
     gc.freeze()  # the collector never touches (and so never un-shares) these objects
@@ -185,7 +167,6 @@ def _fork_child(conn: socket.socket, listener: socket.socket) -> int:
 def _run(argv: list[str], reply: Callable[[int], object]) -> int:
     """The relayed command, in the forked child; after ``start`` it serves as the daemon."""
     from shim.daemon import serve
-    from shim.manager import delete, start
 
     flags, _unknown = parse_flags(argv[1:])
     binary = os.path.basename(argv[0])
