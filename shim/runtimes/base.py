@@ -8,12 +8,24 @@ which the ttrpc server answers with ``Unimplemented``.
 from __future__ import annotations
 
 import asyncio
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from shim.sys.reaper import Exit, Reaper
+
+INIT_PID_FILE = "init.pid"  # in the bundle: the init's host pid, for `delete` after the shim
+
+
+def recorded_init_pid(bundle: str) -> int:
+    """The init pid a backend recorded in the bundle, 0 if it is not known."""
+    try:
+        with open(os.path.join(bundle, INIT_PID_FILE)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 0
 
 
 @dataclass(frozen=True)
@@ -56,16 +68,9 @@ class ContainerConfig:
 
 
 @dataclass(frozen=True)
-class ProcessEntry:
-    pid: int
-    info: Any | None = None  # google.protobuf.Any, e.g. containerd.runc.v1.ProcessDetails
-
-
-@dataclass(frozen=True)
 class CheckpointRequest:
     path: str
     options: Any | None  # google.protobuf.Any of the backend's checkpoint options
-    exec_pids: Mapping[int, str] = field(default_factory=dict)
 
 
 class Container(ABC):

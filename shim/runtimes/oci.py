@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from shim.io.console import ConsoleSocket
-from shim.runtimes.base import Container, ContainerConfig, Launched, ProcessStdio, Runtime
+from shim.runtimes.base import (
+    Container,
+    ContainerConfig,
+    Launched,
+    ProcessStdio,
+    Runtime,
+    recorded_init_pid,
+)
 from shim.sys.mount import unmount_all
 from shim.sys.spawn import CommandResult, run_command
 from shim.ttrpc.errors import Code, TtrpcError
@@ -268,7 +275,4 @@ def cleanup(options: CliOptions, namespace: str, bundle: str, container_id: str)
         except (OSError, subprocess.TimeoutExpired) as exc:
             log.warning("%s delete --force %s: %s", options.binary_name, container_id, exc)
     unmount_all(os.path.join(bundle, "rootfs"))
-    try:
-        return read_pid(os.path.join(bundle, "init.pid"))
-    except (OSError, ValueError):
-        return 0
+    return recorded_init_pid(bundle)

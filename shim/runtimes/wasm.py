@@ -18,7 +18,15 @@ import signal
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from shim.runtimes.base import Container, ContainerConfig, Launched, ProcessStdio, Runtime
+from shim.runtimes.base import (
+    INIT_PID_FILE,
+    Container,
+    ContainerConfig,
+    Launched,
+    ProcessStdio,
+    Runtime,
+    recorded_init_pid,
+)
 from shim.sys.spawn import fork_call
 from shim.ttrpc.errors import Code, TtrpcError
 from shim.wasm import runner
@@ -32,7 +40,6 @@ DEFAULT_CACHE_DIR = "/var/lib/pyshim/wasm-cache"
 CACHE_MAX_BYTES = 512 * 1024 * 1024
 READY_TIMEOUT = 60.0  # compiling a large module takes seconds; the first start pays it
 DELETE_TIMEOUT = 4.0  # containerd gives a shim's delete 5 s
-INIT_PID_FILE = "init.pid"
 _REPORT_CHUNK = 65536
 
 
@@ -323,8 +330,4 @@ class WasmRuntime(Runtime):
             ContainerCgroup(cgroup_path(spec, namespace, container_id)).remove()
         except (TtrpcError, OSError, ValueError) as exc:
             log.warning("%s: cgroup cleanup: %s", container_id, exc)
-        try:
-            with open(os.path.join(bundle, INIT_PID_FILE)) as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):
-            return 0
+        return recorded_init_pid(bundle)

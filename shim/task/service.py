@@ -536,7 +536,7 @@ class TaskService:
         )
 
     async def Shutdown(self, request: api.ShutdownRequest, ctx: CallContext) -> Any:
-        if not self._containers and not self._creating:
+        if not self.has_containers():
             # Reply first: containerd ignores "ttrpc: closed", but a clean reply is cheaper.
             asyncio.get_running_loop().call_soon(self._request_shutdown)
         return Empty()
