@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shim.api.task.v2 import shim_pb2  # noqa: E402
-from shim.ttrpc.client import Client  # noqa: E402
 from shim.ttrpc.errors import TtrpcError  # noqa: E402
+from shim.ttrpc.testing import connect_when_ready  # noqa: E402
 
 TASK = "containerd.task.v2.Task"
 
@@ -55,19 +55,8 @@ async def serve(path: str) -> None:
     await server.serve(bind_unix(path))
 
 
-async def connect(address: str) -> Client:
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            return await Client.connect(address)
-        except (FileNotFoundError, ConnectionRefusedError):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-
-
 async def bench(address: str, container_id: str, calls: int, concurrency: int) -> dict[str, Any]:
-    client = await connect(address)
+    client = await connect_when_ready(address)
     request = shim_pb2.StateRequest(id=container_id)
     errors = 0
 

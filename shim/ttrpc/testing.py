@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from shim.ttrpc.client import Client
 from shim.ttrpc.server import Server
 
 
@@ -21,6 +23,18 @@ def bind_unix(path: str) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+async def connect_when_ready(address: str, deadline: float = 20) -> Client:
+    """A client of a server that may not be listening yet (started in another process)."""
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            return await Client.connect(address)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > end:
+                raise
+            await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager

@@ -26,7 +26,7 @@ from shim.ttrpc.client import Client
 from shim.ttrpc.errors import Code, ConnectionClosed, TtrpcError
 from shim.ttrpc.server import CallContext, Server
 from shim.ttrpc.service import Method, Service, service_from_descriptor
-from shim.ttrpc.testing import bind_unix, serving
+from shim.ttrpc.testing import bind_unix, connect_when_ready, serving
 
 REPO = Path(__file__).resolve().parents[2]
 TASK = service_from_descriptor(shim_pb2.DESCRIPTOR.services_by_name["Task"])
@@ -336,17 +336,6 @@ CHILD_SERVER = textwrap.dedent(
     asyncio.run(main())
     """
 )
-
-
-async def connect_when_ready(address: str, deadline: float = 20) -> Client:
-    end = time.monotonic() + deadline
-    while True:
-        try:
-            return await Client.connect(address)
-        except (FileNotFoundError, ConnectionRefusedError):
-            if time.monotonic() > end:
-                raise
-            await asyncio.sleep(0.05)
 
 
 def test_client_sees_connection_closed_when_the_server_dies_mid_call(address: str) -> None:
