@@ -21,7 +21,7 @@ from shim.api.task.v3 import shim_pb2 as task_v3
 from shim.main import Flags
 from shim.manager import bind_socket
 from shim.runtimes.base import ShimContext
-from shim.runtimes.registry import find_runtime, runtime_name_from_binary
+from shim.runtimes.registry import find_runtime, runtime_name_from_binary, runtime_type
 from shim.sys.reaper import Reaper
 from shim.task.events import EventPublisher
 from shim.task.service import TaskService
@@ -32,6 +32,9 @@ log = logging.getLogger("shim")
 
 SHUTDOWN_GRACE = 5.0
 ABANDONED_AFTER = 30.0  # seconds without any container before the shim exits by itself
+
+
+_LOGRUS_LEVELS = {"WARNING": "warning", "CRITICAL": "fatal"}  # the others: lower case
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -46,9 +49,7 @@ class LogfmtFormatter(logging.Formatter):
         message = record.getMessage()
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
-        level = {"WARNING": "warning", "CRITICAL": "fatal"}.get(
-            record.levelname, record.levelname.lower()
-        )
+        level = _LOGRUS_LEVELS.get(record.levelname, record.levelname.lower())
         quoted = message.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         return (
             f'time="{stamp}.{int(record.msecs):03d}000000Z" level={level} msg="{quoted}" '
@@ -88,9 +89,8 @@ def _dump_stacks() -> None:
 
 def serve(flags: Flags, binary: str, sock: socket.socket) -> int:
     name = runtime_name_from_binary(binary)
-    runtime_name = f"io.containerd.{name}.v1"
+    runtime_name = runtime_type(name)
     _open_log(runtime_name, flags.debug)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         runtime_class = find_runtime(name)
         asyncio.run(_serve(flags, runtime_class, runtime_name, sock))

@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 
 from shim.api.types.introspection_pb2 import RuntimeInfo, RuntimeVersion
 from shim.main import VERSION
-from shim.runtimes.registry import find_runtime, runtime_name_from_binary
+from shim.runtimes.registry import find_runtime, runtime_name_from_binary, runtime_type
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ FEATURES_URL = "types.containerd.io/opencontainers/runtime-spec/1/features/Featu
 
 def runtime_info(binary: str, stdin: bytes) -> RuntimeInfo:
     name = runtime_name_from_binary(binary)
-    info = RuntimeInfo(name=f"io.containerd.{name}.v1", version=RuntimeVersion(version=VERSION))
+    info = RuntimeInfo(name=runtime_type(name), version=RuntimeVersion(version=VERSION))
     options: Any | None = None
     if stdin:
         try:

@@ -51,3 +51,8 @@ def runtime_name_from_binary(binary: str) -> str:
     if not base.startswith(prefix) or "-" not in base[len(prefix) :]:
         raise UnknownRuntimeError(f"cannot tell the runtime from the binary name {base!r}")
     return base[len(prefix) :].rsplit("-", 1)[0]
+
+
+def runtime_type(name: str) -> str:
+    """``pyrunc`` -> ``io.containerd.pyrunc.v1``, the runtime type users give containerd."""
+    return f"io.containerd.{name}.v1"

@@ -269,7 +269,7 @@ class _ServerConnection(asyncio.Protocol):
         for task in list(self.tasks):
             if task is not except_task:
                 task.cancel()
-        if not any(t is except_task for t in self.tasks):
+        if except_task not in self.tasks:
             self.close()
 
     def close(self) -> None:
