@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from shim.sys._native import lib
+from shim.sys.busy import retry_while_busy
 from shim.sys.native import last_error
 
 # fstab option -> (clears the flag, flag); every other option goes to the data string.
@@ -160,15 +160,12 @@ def _describe(spec: MountSpec, target: str) -> str:
 
 
 def _unmount_retrying_busy(target: str) -> None:
-    for _ in range(_UNMOUNT_BUSY_RETRIES):
-        try:
-            _umount2(target, 0)
-            return
-        except OSError as e:
-            if e.errno != errno.EBUSY:
-                raise
-        time.sleep(_UNMOUNT_BUSY_DELAY)
-    raise OSError(errno.EBUSY, f"unmount {target}: still busy after {_UNMOUNT_BUSY_RETRIES} tries")
+    retry_while_busy(
+        lambda: _umount2(target, 0),
+        _UNMOUNT_BUSY_RETRIES,
+        _UNMOUNT_BUSY_DELAY,
+        f"unmount {target}: still busy after {_UNMOUNT_BUSY_RETRIES} tries",
+    )
 
 
 def _umount2(target: str, flags: int) -> None:

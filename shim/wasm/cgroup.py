@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import signal
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from shim.sys.busy import retry_while_busy
 from shim.sys.cgroups import Cgroup
 
 # cpuset needs cpus and mems copied in before it takes a process; wasm has no use for it.
@@ -147,14 +147,10 @@ def _limit(value: int, v1: bool) -> str:
 
 
 def _remove_dir(directory: str) -> None:
-    for _ in range(_REMOVE_RETRIES):
-        try:
-            os.rmdir(directory)
-            return
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            if e.errno != errno.EBUSY:
-                raise
-        time.sleep(_REMOVE_DELAY)
-    raise OSError(errno.EBUSY, f"cgroup {directory} still has processes")
+    with contextlib.suppress(FileNotFoundError):
+        retry_while_busy(
+            lambda: os.rmdir(directory),
+            _REMOVE_RETRIES,
+            _REMOVE_DELAY,
+            f"cgroup {directory} still has processes",
+        )
