@@ -51,11 +51,10 @@ class LoggingBinary:
         namespace: str,
         stdout_fd: int,
         stderr_fd: int,
-        ready_timeout: float | None = None,
     ) -> LoggingBinary:
         """Starts the binary with `stdout_fd`/`stderr_fd` (read ends) as its fds 3 and 4 and
-        returns once it is ready (within `ready_timeout`, default READY_TIMEOUT); on failure
-        it has been killed and reaped."""
+        returns once it is ready (within READY_TIMEOUT); on failure it has been killed and
+        reaped."""
         ready_read, ready_write = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(ready_read, False)
         try:
@@ -73,8 +72,7 @@ class LoggingBinary:
                 os.close(ready_write)
             logger = cls(target, pid, exited)
             try:
-                timeout = READY_TIMEOUT if ready_timeout is None else ready_timeout
-                await logger._wait_ready(ready_read, timeout)
+                await logger._wait_ready(ready_read, READY_TIMEOUT)
             except BaseException:
                 await logger.stop(timeout=0)
                 raise
