@@ -15,6 +15,7 @@ from typing import Any, Self
 
 from shim.io.console import ConsoleSocket
 from shim.runtimes.base import (
+    CheckpointRequest,
     Container,
     ContainerConfig,
     Launched,
@@ -32,6 +33,7 @@ OPTIONS_FILE = "options.json"
 LOG_FILE = "log.json"
 CONSOLE_TIMEOUT = 10.0
 CLEANUP_TIMEOUT = 4.0  # containerd kills `delete` after 5 s
+CHECKPOINT_OPTIONS_URL = "containerd.runc.v1.CheckpointOptions"  # what containerd clients send
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,16 @@ def _skip_space(text: str, position: int) -> int:
     return position
 
 
+def checkpoint_options(request: CheckpointRequest) -> Any:
+    """containerd.runc.v1.CheckpointOptions from the request (what containerd clients send for
+    any OCI runtime), or the defaults."""
+    from shim.api.runc.options_pb2 import CheckpointOptions
+
+    if request.options is not None and request.options.type_url == CHECKPOINT_OPTIONS_URL:
+        return CheckpointOptions.FromString(request.options.value)
+    return CheckpointOptions()
+
+
 def read_pid(path: str) -> int:
     with open(path) as f:
         return int(f.read().strip())
@@ -148,12 +160,15 @@ class OciCliContainer(Container):
 
     async def _checked(self, operation: str, *args: str, input: bytes | None = None) -> bytes:
         result = await self._cli(*args, input=input)
+        self._raise_if_failed(operation, result)
+        return result.stdout
+
+    def _raise_if_failed(self, operation: str, result: CommandResult) -> None:
         if result.status != 0:
             raise TtrpcError(
                 Code.UNKNOWN,
                 f"OCI runtime {operation} failed: {last_runtime_error(self._bundle, result)}",
             )
-        return result.stdout
 
     async def _launch(self, args: Sequence[str], stdio: ProcessStdio, pid_file: str) -> Launched:
         """Run a command that leaves a process behind (create, exec, restore)."""
@@ -164,12 +179,7 @@ class OciCliContainer(Container):
         reaper = self._context.reaper
         try:
             with reaper.collect(), stdio_fds(stdio) as fds:
-                result = await self._cli(*argv, fds=fds)
-                if result.status != 0:
-                    raise TtrpcError(
-                        Code.UNKNOWN,
-                        f"OCI runtime {args[0]} failed: {last_runtime_error(self._bundle, result)}",
-                    )
+                self._raise_if_failed(args[0], await self._cli(*argv, fds=fds))
                 pid = read_pid(pid_file)
                 exited = reaper.watch(pid)
             master = await console.receive_master(CONSOLE_TIMEOUT) if console else None

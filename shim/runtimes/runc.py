@@ -17,7 +17,6 @@ from shim.ttrpc.errors import Code, TtrpcError
 log = logging.getLogger(__name__)
 
 OPTIONS_URL = "containerd.runc.v1.Options"
-CHECKPOINT_OPTIONS_URL = "containerd.runc.v1.CheckpointOptions"
 DEFAULT_ROOT = "/run/containerd/runc"
 FEATURES_TIMEOUT = 10.0
 
@@ -96,11 +95,7 @@ class RuncContainer(oci.OciCliContainer):
             raise TtrpcError(Code.NOT_FOUND, f"cgroup does not exist: {exc}") from exc
 
     async def checkpoint(self, request: CheckpointRequest) -> None:
-        from shim.api.runc.options_pb2 import CheckpointOptions
-
-        options = CheckpointOptions()
-        if request.options is not None and request.options.type_url == CHECKPOINT_OPTIONS_URL:
-            options = CheckpointOptions.FromString(request.options.value)
+        options = oci.checkpoint_options(request)
         work = options.work_path or os.path.join(self._bundle, "work", "criu-work")
         args = ["checkpoint", "--image-path", options.image_path or request.path]
         args += ["--work-path", work]

@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 OPTIONS_URL = "runtimeoptions.v1.Options"
 CONFIG_TYPE_URL = "io.containerd.runsc.v1.options"  # what gVisor's docs tell CRI users to set
-CHECKPOINT_OPTIONS_URL = "containerd.runc.v1.CheckpointOptions"  # what containerd clients send
 DEFAULT_ROOT = "/run/containerd/runsc"
 SANDBOX_INIT_PID = 1  # the init's pid inside its sandbox
 # Flags naming files runsc writes: gVisor's shim expands %ID% in them and makes their dirs.
@@ -186,11 +185,7 @@ class RunscContainer(oci.OciCliContainer):
         return metrics_from_runsc(event.get("data") or {}, _cgroup_version())
 
     async def checkpoint(self, request: CheckpointRequest) -> None:
-        from shim.api.runc.options_pb2 import CheckpointOptions
-
-        options = CheckpointOptions()
-        if request.options is not None and request.options.type_url == CHECKPOINT_OPTIONS_URL:
-            options = CheckpointOptions.FromString(request.options.value)
+        options = oci.checkpoint_options(request)
         if self._paused:
             # containerd pauses a task before checkpointing it; runsc then panics
             # ("paused => stopped") and kills the sandbox.
