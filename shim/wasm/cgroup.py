@@ -82,18 +82,13 @@ class ContainerCgroup:
 
     async def set_frozen(self, frozen: bool) -> None:
         """Freeze or thaw every process, and wait until the kernel says it is done."""
-        if self.cgroup.version == 1:
-            wanted = "FROZEN" if frozen else "THAWED"
-            self._write("freezer", "freezer.state", wanted)
+        self._write_freeze(frozen)
 
-            def done() -> bool:
-                return self._read("freezer", "freezer.state").strip() == wanted
-        else:
-            self._write("", "cgroup.freeze", "1" if frozen else "0")
-
-            def done() -> bool:
-                events = self._read("", "cgroup.events")
-                return f"frozen {int(frozen)}" in events.splitlines()
+        def done() -> bool:
+            if self.cgroup.version == 1:
+                state = self._read("freezer", "freezer.state").strip()
+                return state == ("FROZEN" if frozen else "THAWED")
+            return f"frozen {int(frozen)}" in self._read("", "cgroup.events").splitlines()
 
         deadline = time.monotonic() + _FREEZE_TIMEOUT
         while not done():
@@ -105,16 +100,19 @@ class ContainerCgroup:
         """SIGKILL every process, and thaw them: a frozen process dies only once thawed."""
         self.signal_all(signal.SIGKILL)
         with contextlib.suppress(OSError):
-            if self.cgroup.version == 1:
-                self._write("freezer", "freezer.state", "THAWED")
-            else:
-                self._write("", "cgroup.freeze", "0")
+            self._write_freeze(False)
 
     def remove(self) -> None:
         """Kill what is left and remove the directories (missing ones are fine)."""
         self.kill_all()
         for directory in self._dirs:
             _remove_dir(directory)
+
+    def _write_freeze(self, frozen: bool) -> None:
+        if self.cgroup.version == 1:
+            self._write("freezer", "freezer.state", "FROZEN" if frozen else "THAWED")
+        else:
+            self._write("", "cgroup.freeze", "1" if frozen else "0")
 
     def _write(self, controller: str, name: str, value: str) -> None:
         with open(os.path.join(self.cgroup.path(controller), name), "w") as f:
