@@ -542,6 +542,16 @@ class PrivateContainerd:
         self.ctr("tasks", "delete", name, check=False)
         self.ctr("containers", "delete", name, check=False)
 
+    def settle(self) -> None:
+        """Wait (up to 20 s) for the shims of deleted tasks to exit."""
+        wait_until(lambda: not self.shim_pids(), timeout=20, interval=0.1)
+
+    @property
+    def pid(self) -> int:
+        """containerd's pid (it runs the binary directly, no wrapper)."""
+        assert self._process is not None, "containerd is not running"
+        return self._process.pid
+
     def bundle(self, container_id: str) -> Path:
         return self.state / "io.containerd.runtime.v2.task" / self.namespace / container_id
 

@@ -131,19 +131,6 @@ class Footprint:
         ]
 
 
-def containerd_pid(ctrd: PrivateContainerd) -> int:
-    config = str(ctrd.base / "config.toml")
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if config.encode() in argv:
-                return int(entry.name)
-    raise LookupError(f"no containerd running with {config}")
-
-
 def _children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -166,7 +153,7 @@ def _files(roots: Iterable[Path]) -> int:
 
 
 def footprint(ctrd: PrivateContainerd) -> Footprint:
-    pid = containerd_pid(ctrd)
+    pid = ctrd.pid
     container_processes = [
         int(p.name)
         for p in Path("/proc").iterdir()
@@ -199,17 +186,12 @@ def lifecycle_leaks(ctrd: PrivateContainerd, lifecycles: int, workers: int) -> l
         return [f"{name}: socket {sock} left"] if sock.exists() else []
 
     lifecycle(lifecycles)  # warm-up: containerd opens its lazy fds (snapshotter, shim log)
-    settle(ctrd)
+    ctrd.settle()
     before = footprint(ctrd)
     problems = parallel(lifecycles, workers, lifecycle)
-    settle(ctrd)
+    ctrd.settle()
     wait_until(lambda: not footprint(ctrd).grown(before), timeout=20, interval=0.5)
     return problems + footprint(ctrd).grown(before)
-
-
-def settle(ctrd: PrivateContainerd) -> None:
-    """Wait for shims of deleted tasks to exit."""
-    wait_until(lambda: not ctrd.shim_pids(), timeout=20, interval=0.1)
 
 
 def delete_task(ctrd: PrivateContainerd, name: str) -> int | None:

@@ -26,14 +26,6 @@ def log_since(containerd: PrivateContainerd, offset: int) -> str:
     return containerd.log_path.read_bytes()[offset:].decode(errors="replace")
 
 
-def task_pid(containerd: PrivateContainerd, container_id: str) -> int:
-    for line in containerd.ctr("tasks", "ls").stdout.splitlines()[1:]:
-        task_id, pid, _status = line.split()[:3]
-        if task_id == container_id:
-            return int(pid)
-    raise AssertionError(f"no task {container_id}")
-
-
 def ps_pids(containerd: PrivateContainerd, container_id: str) -> list[int]:
     """The pids `ctr tasks ps` lists: the shim's answer to Pids."""
     lines = containerd.ctr("tasks", "ps", container_id).stdout.splitlines()[1:]
@@ -60,14 +52,14 @@ def test_bootstrap_files_match_the_containerd_version(containerd: PrivateContain
         assert bootstrap == {"version": 3, "address": address, "protocol": "ttrpc"}
     else:
         assert not (bundle / "bootstrap.json").exists()
-    assert ps_pids(containerd, "boot") == [task_pid(containerd, "boot")]
+    assert ps_pids(containerd, "boot") == [containerd.task_pid("boot")]
     stop(containerd, "boot")
 
 
 def test_restart_reloads_the_shim_on_task_api_v3(containerd: PrivateContainerd) -> None:
     require_2x(containerd, "task API v3")
     containerd.ctr("run", "-d", "--runtime", RUNTIME, containerd.image, "reload", "sleep", "1000")
-    pid = task_pid(containerd, "reload")
+    pid = containerd.task_pid("reload")
     offset = containerd.log_path.stat().st_size
 
     containerd.restart()
@@ -76,7 +68,7 @@ def test_restart_reloads_the_shim_on_task_api_v3(containerd: PrivateContainerd) 
     connecting = [line for line in reload_log.splitlines() if "connecting to shim reload" in line]
     assert connecting and all("version=3" in line for line in connecting), reload_log
     assert "cleaning leaked shim process" not in reload_log  # its Pids call found the task
-    assert task_pid(containerd, "reload") == pid
+    assert containerd.task_pid("reload") == pid
     assert ps_pids(containerd, "reload") == [pid]
     stop(containerd, "reload")
 
