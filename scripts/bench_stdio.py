@@ -29,13 +29,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests" / "e2e")]
 
 from harness import (  # noqa: E402
+    DEFAULT_VERSION,
+    GO_RUNTIME,
     PYRUNC_RUNTIME,
     HarnessError,
     PrivateContainerd,
     unusable_reason,
 )
 
-GO_RUNTIME = "io.containerd.runc.v2"
 MIB = 1 << 20
 READ_SIZE = MIB
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -150,7 +151,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--containerd", default=os.environ.get("PYSHIM_CONTAINERD", "1.6"))
+    parser.add_argument("--containerd", default=DEFAULT_VERSION)
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
     args = parser.parse_args()
     reason = unusable_reason()

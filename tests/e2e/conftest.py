@@ -5,11 +5,10 @@
 it if a shim process, a mount or a FIFO dir outlived its tasks.
 """
 
-import os
 from collections.abc import Iterator
 
 import pytest
-from harness import HarnessError, PrivateContainerd, unusable_reason, wait_until
+from harness import DEFAULT_VERSION, HarnessError, PrivateContainerd, unusable_reason, wait_until
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +16,7 @@ def containerd() -> Iterator[PrivateContainerd]:
     reason = unusable_reason()
     if reason:
         pytest.skip(reason)
-    version = os.environ.get("PYSHIM_CONTAINERD", "1.6")
+    version = DEFAULT_VERSION
     try:
         with PrivateContainerd(version=version) as private:
             yield private

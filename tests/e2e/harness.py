@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 IMAGE_TAR = REPO / "var" / "images" / "busybox.tar"
 PYRUNC_RUNTIME = "io.containerd.pyrunc.v1"
+GO_RUNTIME = "io.containerd.runc.v2"  # containerd's own Go shim, the reference
+DEFAULT_VERSION = os.environ.get("PYSHIM_CONTAINERD", "1.6")  # the containerd to test against
 # Per test run: runc keeps its state by namespace and id under one root for every containerd,
 # so two runs on one machine must not share a namespace.
 NAMESPACE = f"pyshim-e2e-{os.getpid()}"
@@ -542,6 +544,11 @@ class PrivateContainerd:
         self.ctr("tasks", "delete", name, check=False)
         self.ctr("containers", "delete", name, check=False)
 
+    def exec_output(self, name: str, *command: str) -> str:
+        """stdout of a command exec'd in a running task (a fresh exec id each time)."""
+        exec_id = f"x{time.monotonic_ns()}"
+        return self.ctr("tasks", "exec", "--exec-id", exec_id, name, *command).stdout
+
     def settle(self) -> None:
         """Wait (up to 20 s) for the shims of deleted tasks to exit."""
         wait_until(lambda: not self.shim_pids(), timeout=20, interval=0.1)
@@ -711,7 +718,7 @@ def demo(runtime: str, version: str) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="pyshim demo on a private containerd")
     parser.add_argument("--runtime", default=PYRUNC_RUNTIME)
-    parser.add_argument("--containerd", default=os.environ.get("PYSHIM_CONTAINERD", "1.6"))
+    parser.add_argument("--containerd", default=DEFAULT_VERSION)
     options = parser.parse_args()
     try:
         sys.exit(demo(options.runtime, options.containerd))

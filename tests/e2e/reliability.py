@@ -18,7 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import PYRUNC_RUNTIME, EventLog, PrivateContainerd, mounts_under, wait_until
+from harness import (
+    DEFAULT_VERSION,
+    PYRUNC_RUNTIME,
+    EventLog,
+    PrivateContainerd,
+    mounts_under,
+    wait_until,
+)
 
 SOCKET_DIR = Path("/run/containerd/s")
 RUNC_ROOT = Path("/run/containerd/runc")
@@ -235,6 +242,6 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="issue 5 soak on a private containerd")
     parser.add_argument("--long", action="store_true", help="1000 execs, 200 containers, 500")
-    parser.add_argument("--containerd", default=os.environ.get("PYSHIM_CONTAINERD", "1.6"))
+    parser.add_argument("--containerd", default=DEFAULT_VERSION)
     options = parser.parse_args()
     sys.exit(soak(options.containerd, options.long))

@@ -7,7 +7,6 @@ restore looks for the mount points it made in the old rootfs (e.g. /run).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import pytest
@@ -38,9 +37,7 @@ def test_restored_counter_goes_on_from_where_it_was(
     ref = f"localhost/pyshim-checkpoint/{name}:1"
 
     def count() -> int:
-        exec_id = f"r{time.monotonic_ns()}"
-        result = containerd.ctr("tasks", "exec", "--exec-id", exec_id, name, "cat", "/tmp/n")
-        return int(result.stdout.strip() or 0)
+        return int(containerd.exec_output(name, "cat", "/tmp/n").strip() or 0)
 
     containerd.run_detached(name, "sh", "-c", COUNTER, runtime=runtime)
     try:

@@ -1,9 +1,7 @@
 """The harness itself, proven with containerd's own Go shim (io.containerd.runc.v2)."""
 
 import pytest
-from harness import PrivateContainerd, wait_until
-
-GO_RUNTIME = "io.containerd.runc.v2"
+from harness import GO_RUNTIME, PrivateContainerd, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -174,10 +174,7 @@ def test_pause_stops_a_counter_and_resume_continues(containerd: PrivateContainer
     )
 
     def count() -> int:
-        out = containerd.ctr(
-            "tasks", "exec", "--exec-id", f"r{time.monotonic_ns()}", "counter", "cat", "/tmp/n"
-        ).stdout
-        return int(out.strip() or 0)
+        return int(containerd.exec_output("counter", "cat", "/tmp/n").strip() or 0)
 
     assert wait_until(lambda: count() > 0, timeout=10)
     with containerd.events() as events:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,11 +36,6 @@ def sleeper(containerd: PrivateContainerd) -> Iterator[str]:
     containerd.kill_and_delete(name, check=False)
 
 
-def exec_output(containerd: PrivateContainerd, name: str, *command: str) -> str:
-    exec_id = f"x{time.monotonic_ns()}"
-    return containerd.ctr("tasks", "exec", "--exec-id", exec_id, name, *command).stdout
-
-
 def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainerd) -> None:
     script = "echo hello; echo oops >&2; exit 7"
     result = run(containerd, "--rm", containerd.image, "rs-rm", "sh", "-c", script, check=False)
@@ -57,7 +51,7 @@ def test_detached_task_runs_in_gvisor_and_exec_works(
 ) -> None:
     assert containerd.task_status(sleeper) == "RUNNING"
     # The user-space kernel says who it is.
-    assert "gVisor" in exec_output(containerd, sleeper, "dmesg")
+    assert "gVisor" in containerd.exec_output(sleeper, "dmesg")
 
     result = containerd.ctr(
         "tasks", "exec", "--exec-id", "e1", sleeper, "sh", "-c", "echo out; echo err >&2; exit 5",
@@ -109,7 +103,7 @@ def test_pause_and_resume(containerd: PrivateContainerd) -> None:
     containerd.run_detached(name, "sh", "-c", counter, runtime=RUNTIME)
 
     def count() -> int:
-        return int(exec_output(containerd, name, "cat", "/tmp/n").strip() or 0)
+        return int(containerd.exec_output(name, "cat", "/tmp/n").strip() or 0)
 
     assert wait_until(lambda: count() > 0, timeout=20)
     with containerd.events() as events:

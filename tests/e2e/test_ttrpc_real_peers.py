@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from google.protobuf import any_pb2, empty_pb2
-from harness import PrivateContainerd
+from harness import GO_RUNTIME, PrivateContainerd
 
 from shim.api.events import task_pb2 as events_pb2
 from shim.api.events import ttrpc_pb2 as forward_pb2
@@ -21,7 +21,6 @@ from shim.api.types import task_pb2 as types_pb2
 from shim.ttrpc.client import Client
 from shim.ttrpc.errors import Code, TtrpcError
 
-GO_RUNTIME = "io.containerd.runc.v2"
 TASK = "containerd.task.v2.Task"
 EVENTS = "containerd.services.events.ttrpc.v1.Events"
 

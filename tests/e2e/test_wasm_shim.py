@@ -4,14 +4,13 @@ image, run by a private containerd through our shim."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import HarnessError, PrivateContainerd, unusable_reason, wait_until
+from harness import DEFAULT_VERSION, HarnessError, PrivateContainerd, unusable_reason, wait_until
 from wasm_image import GREETING, IMAGE, build_image, wasm_build_unusable_reason
 
 RUNTIME = "io.containerd.pywasm.v1"
@@ -33,7 +32,7 @@ def containerd(work: Path) -> Iterator[PrivateContainerd]:
     if reason:
         pytest.skip(reason)
     image = build_image(work)
-    version = os.environ.get("PYSHIM_CONTAINERD", "1.6")
+    version = DEFAULT_VERSION
     env = {"PYSHIM_WASM_CACHE": str(work / "cache")}
     try:
         with PrivateContainerd(version=version, runtime=RUNTIME, env=env) as private:
