@@ -466,6 +466,20 @@ class PrivateContainerd:
             self.ctr_command(*args), stdin=stdin, stdout=stdout, stderr=stderr, env=self.ctr_env
         )
 
+    def feed_stdin(self, name: str, *args: str, data: bytes) -> tuple[int, bytes, bytes]:
+        """Run ctr with `args`, which starts task `name`, and write `data` to its stdin once
+        the task runs: ctr 1.6 never closes a stdin that hit EOF before the task existed
+        (PROTOCOL Q0). Returns ctr's exit code, stdout and stderr."""
+        ctr = self.start_ctr(*args, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            if not wait_until(lambda: self.task_status(name) == "RUNNING", timeout=20):
+                raise HarnessError(f"task {name} is not running: {self.task_status(name)}")
+            out, err = ctr.communicate(data, timeout=30)
+        finally:
+            ctr.kill()
+            ctr.wait(timeout=10)
+        return ctr.returncode, out, err
+
     def ctr_in_terminal(
         self, *args: str, rows: int = 37, cols: int = 113, timeout: float = 60
     ) -> tuple[int, bytes]:

@@ -55,27 +55,11 @@ def test_process_that_exits_at_once(containerd: PrivateContainerd) -> None:
 
 
 def test_stdin_reaches_the_container(containerd: PrivateContainerd) -> None:
-    # ctr 1.6 never closes stdin that hit EOF before the task existed (PROTOCOL Q0): feed it
-    # once the task runs, then close it.
-    command = (
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        containerd.image,
-        "stdin",
-        "sh",
-        "-c",
-        "cat; echo done",
+    command = ("run", "--rm", "--runtime", RUNTIME, containerd.image, "stdin")
+    code, out, err = containerd.feed_stdin(
+        "stdin", *command, "sh", "-c", "cat; echo done", data=b"line one\nline two\n"
     )
-    ctr = containerd.start_ctr(*command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert wait_until(lambda: containerd.task_status("stdin") == "RUNNING", timeout=20)
-        out, err = ctr.communicate(b"line one\nline two\n", timeout=30)
-    finally:
-        ctr.kill()
-        ctr.wait(timeout=10)
-    assert ctr.returncode == 0, err
+    assert code == 0, err
     assert out == b"line one\nline two\ndone\n"
 
 

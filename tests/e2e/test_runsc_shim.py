@@ -151,27 +151,12 @@ def test_events_in_order_with_ids(containerd: PrivateContainerd) -> None:
 
 
 def test_stdin_reaches_the_container(containerd: PrivateContainerd) -> None:
-    # ctr 1.6 never closes stdin that hit EOF before the task existed (PROTOCOL Q0).
     name = "rs-stdin"
-    command = (
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        containerd.image,
-        name,
-        "sh",
-        "-c",
-        "cat; echo done",
+    command = ("run", "--rm", "--runtime", RUNTIME, containerd.image, name)
+    code, out, err = containerd.feed_stdin(
+        name, *command, "sh", "-c", "cat; echo done", data=b"line one\nline two\n"
     )
-    ctr = containerd.start_ctr(*command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert wait_until(lambda: containerd.task_status(name) == "RUNNING", timeout=20)
-        out, err = ctr.communicate(b"line one\nline two\n", timeout=30)
-    finally:
-        ctr.kill()
-        ctr.wait(timeout=10)
-    assert ctr.returncode == 0, err
+    assert code == 0, err
     assert out == b"line one\nline two\ndone\n"
 
 

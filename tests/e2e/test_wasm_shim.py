@@ -88,17 +88,9 @@ def test_nothing_outside_the_rootfs_is_reachable(containerd: PrivateContainerd) 
 
 
 def test_stdin_reaches_the_module(containerd: PrivateContainerd) -> None:
-    # ctr 1.6 never closes stdin that hit EOF before the task existed (PROTOCOL Q0): feed it
-    # once the task runs.
     command = ("run", "--rm", "--runtime", RUNTIME, IMAGE, "stdin", "/cat.wasm")
-    ctr = containerd.start_ctr(*command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert wait_until(lambda: containerd.task_status("stdin") == "RUNNING", timeout=20)
-        out, err = ctr.communicate(b"line one\nline two\n", timeout=30)
-    finally:
-        ctr.kill()
-        ctr.wait(timeout=10)
-    assert (ctr.returncode, out) == (0, b"line one\nline two\n"), err
+    code, out, err = containerd.feed_stdin("stdin", *command, data=b"line one\nline two\n")
+    assert (code, out) == (0, b"line one\nline two\n"), err
 
 
 def test_fifty_megabytes_of_output_arrive(containerd: PrivateContainerd) -> None:
