@@ -109,6 +109,15 @@ def checkpoint_options(request: CheckpointRequest) -> Any:
     return CheckpointOptions()
 
 
+def read_spec(bundle: str) -> dict[str, Any]:
+    """The bundle's OCI spec, or {} when it cannot be read (the runtime will say why)."""
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(bundle, "config.json")) as f:
+        spec = json.load(f)
+        if isinstance(spec, dict):
+            return spec
+    return {}
+
+
 def read_pid(path: str) -> int:
     with open(path) as f:
         return int(f.read().strip())

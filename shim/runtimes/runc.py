@@ -117,11 +117,7 @@ class RuncContainer(oci.OciCliContainer):
             await self._cli("kill", "--all", self._id, "9")
 
     def _has_own_pid_namespace(self) -> bool:
-        try:
-            with open(os.path.join(self._bundle, "config.json")) as f:
-                namespaces = json.load(f).get("linux", {}).get("namespaces", [])
-        except (OSError, ValueError):
-            return False
+        namespaces = oci.read_spec(self._bundle).get("linux", {}).get("namespaces", [])
         return any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
 
 

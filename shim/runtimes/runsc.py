@@ -19,7 +19,6 @@ What differs lives here:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -134,7 +133,7 @@ class RunscContainer(oci.OciCliContainer):
     options: RunscOptions
 
     def __init__(self, runtime: RunscRuntime, config: ContainerConfig) -> None:
-        spec = _read_spec(config.bundle)
+        spec = oci.read_spec(config.bundle)
         options = RunscOptions.for_container(config.options, config.id, spec)
         _make_output_dirs(options.flags)
         super().__init__(runtime, config, options)
@@ -248,14 +247,6 @@ def metrics_from_runsc(stats: Mapping[str, Any], cgroup_version: int) -> Any:
 def _cgroup_version() -> int:
     # Like shim.sys.cgroups: only a pure unified hierarchy is v2.
     return 2 if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else 1
-
-
-def _read_spec(bundle: str) -> dict[str, Any]:
-    with contextlib.suppress(OSError, ValueError), open(os.path.join(bundle, "config.json")) as f:
-        spec = json.load(f)
-        if isinstance(spec, dict):
-            return spec
-    return {}
 
 
 class RunscRuntime(Runtime):
