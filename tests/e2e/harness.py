@@ -29,7 +29,7 @@ import tempfile
 import termios
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple
@@ -48,6 +48,12 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 FIFO_SUBCOMMANDS = [("run",)] + [
     (tasks, action) for tasks in ("t", "task", "tasks") for action in ("start", "exec")
 ]
+# The task events of PrivateContainerd.exec_then_kill_events, in the order containerd's shims
+# publish them.
+EXEC_THEN_KILL_TOPICS = [
+    "/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started",
+    "/tasks/exit", "/tasks/exit", "/tasks/delete",
+]  # fmt: skip
 # A ContainerDelete event (field 1 = id) used as a marker in the event stream.
 MARKER_TYPE_URL = b"containerd.events.ContainerDelete"
 MARKER_TOPIC = "/pyshim/marker"
@@ -213,6 +219,14 @@ class EventLog:
         """The topic of each line, in order (e.g. "/tasks/exit")."""
         with self._changed:
             return [event_topic(line) for line in self.lines]
+
+    def task_topics(self) -> list[str]:
+        """The topics of the task events (/tasks/...), in order."""
+        return [topic for topic in self.topics() if topic.startswith("/tasks/")]
+
+    def lines_of(self, topic: str) -> list[str]:
+        with self._changed:
+            return [line for line in self.lines if event_topic(line) == topic]
 
     def wait_for(self, *texts: str, timeout: float = 10) -> str:
         """The first line containing all texts; HarnessError if none arrives in time."""
@@ -465,6 +479,28 @@ class PrivateContainerd:
         return subprocess.Popen(
             self.ctr_command(*args), stdin=stdin, stdout=stdout, stderr=stderr, env=self.ctr_env
         )
+
+    def exec_then_kill_events(
+        self,
+        name: str,
+        init: Sequence[str],
+        exec_: Sequence[str],
+        *,
+        runtime: str | None = None,
+        image: str | None = None,
+        stop_timeout: float = 10,
+    ) -> EventLog:
+        """The events of one task's life: run `name` detached with `init`, exec `exec_` as
+        "ev-x", SIGKILL the task and delete it (EXEC_THEN_KILL_TOPICS, when all goes well)."""
+        with self.events() as events:
+            self.run_detached(name, *init, runtime=runtime, image=image)
+            self.ctr("tasks", "exec", "--exec-id", "ev-x", name, *exec_, check=False)
+            self.ctr("tasks", "kill", "--signal", "SIGKILL", name)
+            if not wait_until(lambda: self.task_status(name) == "STOPPED", timeout=stop_timeout):
+                raise HarnessError(f"task {name} did not stop: {self.task_status(name)}")
+            self.ctr("tasks", "delete", name)
+            events.wait_for("/tasks/delete")
+        return events
 
     def feed_stdin(self, name: str, *args: str, data: bytes) -> tuple[int, bytes, bytes]:
         """Run ctr with `args`, which starts task `name`, and write `data` to its stdin once

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.empty_pb2 import Empty
-from harness import PrivateContainerd, process_args, wait_until
+from harness import EXEC_THEN_KILL_TOPICS, PrivateContainerd, process_args, wait_until
 
 from shim.api.task.v2 import shim_pb2 as api
 from shim.sys.cgroups import Cgroup
@@ -222,21 +222,9 @@ def test_memory_limit_gives_oom_before_exit(containerd: PrivateContainerd) -> No
 
 
 def test_events_in_order_with_ids(containerd: PrivateContainerd) -> None:
-    with containerd.events() as events:
-        containerd.run_detached("ev", "sleep", "1000")
-        containerd.ctr(
-            "tasks", "exec", "--exec-id", "ev-x", "ev", "sh", "-c", "exit 4", check=False
-        )
-        containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "ev")
-        assert wait_until(lambda: containerd.task_status("ev") == "STOPPED", timeout=10)
-        containerd.ctr("tasks", "delete", "ev")
-        events.wait_for("/tasks/delete")
-    topics = [t for t in events.topics() if t.startswith("/tasks/")]
-    assert topics == [
-        "/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started",
-        "/tasks/exit", "/tasks/exit", "/tasks/delete",
-    ]  # fmt: skip
-    exec_exit, init_exit = [line for line in events.lines if "/tasks/exit" in line]
+    events = containerd.exec_then_kill_events("ev", ("sleep", "1000"), ("sh", "-c", "exit 4"))
+    assert events.task_topics() == EXEC_THEN_KILL_TOPICS
+    exec_exit, init_exit = events.lines_of("/tasks/exit")
     assert '"id":"ev-x"' in exec_exit and '"exit_status":4' in exec_exit
     assert '"id":"ev"' in init_exit and '"exit_status":137' in init_exit
     assert all('"container_id":"ev"' in line for line in events.lines if "/tasks/" in line)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import PrivateContainerd, wait_until
+from harness import EXEC_THEN_KILL_TOPICS, PrivateContainerd, wait_until
 from runsc_support import require_runsc
 
 RUNTIME = "io.containerd.pyrunsc.v1"
@@ -130,22 +130,12 @@ def test_metrics_come_from_the_sandbox(containerd: PrivateContainerd, sleeper: s
 
 def test_events_in_order_with_ids(containerd: PrivateContainerd) -> None:
     name = "rs-ev"
-    with containerd.events() as events:
-        containerd.run_detached(name, "sleep", "1000", runtime=RUNTIME)
-        containerd.ctr(
-            "tasks", "exec", "--exec-id", "ev-x", name, "sh", "-c", "exit 4", check=False
-        )
-        containerd.ctr("tasks", "kill", "--signal", "SIGKILL", name)
-        assert wait_until(lambda: containerd.task_status(name) == "STOPPED", timeout=20)
-        containerd.ctr("tasks", "delete", name)
-        events.wait_for("/tasks/delete")
+    events = containerd.exec_then_kill_events(
+        name, ("sleep", "1000"), ("sh", "-c", "exit 4"), runtime=RUNTIME, stop_timeout=20
+    )
     containerd.ctr("containers", "delete", name)
-    topics = [t for t in events.topics() if t.startswith("/tasks/")]
-    assert topics == [
-        "/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started",
-        "/tasks/exit", "/tasks/exit", "/tasks/delete",
-    ]  # fmt: skip
-    exec_exit, init_exit = [line for line in events.lines if "/tasks/exit" in line]
+    assert events.task_topics() == EXEC_THEN_KILL_TOPICS
+    exec_exit, init_exit = events.lines_of("/tasks/exit")
     assert '"id":"ev-x"' in exec_exit and '"exit_status":4' in exec_exit
     assert '"id":"rs-ev"' in init_exit and '"exit_status":137' in init_exit
 

@@ -10,7 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import DEFAULT_VERSION, HarnessError, PrivateContainerd, unusable_reason, wait_until
+from harness import (
+    DEFAULT_VERSION,
+    EXEC_THEN_KILL_TOPICS,
+    HarnessError,
+    PrivateContainerd,
+    unusable_reason,
+    wait_until,
+)
 from wasm_image import GREETING, IMAGE, build_image, wasm_build_unusable_reason
 
 RUNTIME = "io.containerd.pywasm.v1"
@@ -173,19 +180,11 @@ def test_ps_metrics_and_memory_limit_act_on_the_cgroup(containerd: PrivateContai
 
 
 def test_events_in_order_with_ids(containerd: PrivateContainerd) -> None:
-    with containerd.events() as events:
-        containerd.run_detached("ev", "/loop.wasm", image=IMAGE)
-        containerd.ctr("tasks", "exec", "--exec-id", "ev-x", "ev", "/exit.wasm", "4", check=False)
-        containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "ev")
-        assert wait_until(lambda: containerd.task_status("ev") == "STOPPED", timeout=10)
-        containerd.ctr("tasks", "delete", "ev")
-        events.wait_for("/tasks/delete")
-    topics = [t for t in events.topics() if t.startswith("/tasks/")]
-    assert topics == [
-        "/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started",
-        "/tasks/exit", "/tasks/exit", "/tasks/delete",
-    ]  # fmt: skip
-    exec_exit, init_exit = [line for line in events.lines if "/tasks/exit" in line]
+    events = containerd.exec_then_kill_events(
+        "ev", ("/loop.wasm",), ("/exit.wasm", "4"), image=IMAGE
+    )
+    assert events.task_topics() == EXEC_THEN_KILL_TOPICS
+    exec_exit, init_exit = events.lines_of("/tasks/exit")
     assert '"id":"ev-x"' in exec_exit and '"exit_status":4' in exec_exit
     assert '"id":"ev"' in init_exit and '"exit_status":137' in init_exit
     containerd.ctr("containers", "delete", "ev")
