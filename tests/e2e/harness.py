@@ -37,6 +37,8 @@ from typing import IO, NamedTuple
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 IMAGE_TAR = REPO / "var" / "images" / "busybox.tar"
+PAUSE_TAR = REPO / "var" / "images" / "pause.tar"
+CRI_NAMESPACE = "k8s.io"  # the only namespace containerd's CRI plugin uses
 PYRUNC_RUNTIME = "io.containerd.pyrunc.v1"
 GO_RUNTIME = "io.containerd.runc.v2"  # containerd's own Go shim, the reference
 DEFAULT_VERSION = os.environ.get("PYSHIM_CONTAINERD", "1.6")  # the containerd to test against
@@ -114,10 +116,13 @@ def image_ref(image_tar: Path) -> str:
     return ref
 
 
-def ensure_image() -> Path:
-    if not IMAGE_TAR.is_file():
-        run([str(REPO / "scripts" / "build-image"), str(IMAGE_TAR)], timeout=60)
-    return IMAGE_TAR
+def ensure_image(pause: bool = False) -> Path:
+    """The busybox image tar (or with pause, the CRI pod sandbox image), built if missing."""
+    tar = PAUSE_TAR if pause else IMAGE_TAR
+    if not tar.is_file():
+        build = [str(REPO / "scripts" / "build-image"), *(["--pause"] if pause else []), str(tar)]
+        run(build, timeout=180)
+    return tar
 
 
 def run(argv: list[str], timeout: float, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -281,10 +286,16 @@ class PrivateContainerd:
         runtime: str = PYRUNC_RUNTIME,
         namespace: str = NAMESPACE,
         env: Mapping[str, str] | None = None,
+        cri: bool = False,
     ) -> None:
         self.version = version
         self.runtime = runtime
-        self.namespace = namespace
+        # With cri, the CRI plugin serves on the gRPC socket, with the handlers `pyshim
+        # install` registers, and the tests work in its namespace.
+        self.cri = cri
+        self.namespace = CRI_NAMESPACE if cri else namespace
+        # CRI pods get cgroups under this parent (ctr containers: under the namespace).
+        self.cgroup_parent = f"pyshim-cri-{os.getpid()}" if cri else self.namespace
         self.binaries = binaries(version)
         self.image = image_ref(ensure_image())
         self.base = Path(tempfile.mkdtemp(prefix="pyshim-ctrd-"))
@@ -316,33 +327,96 @@ class PrivateContainerd:
         self.fifo_dir.mkdir(exist_ok=True)
         shim_bin_dir(self.base)
         (self.base / "config.toml").write_text(self._config_toml())
+        if self.cri:
+            self._install_handlers()
         self._launch()
         self.ctr("images", "import", str(IMAGE_TAR), timeout=120)
+        if self.cri:
+            self.ctr("images", "import", str(ensure_image(pause=True)), timeout=120)
+
+    @property
+    def config_version(self) -> int:
+        """The containerd config file syntax: 2 for containerd 1.x, 3 for 2.x."""
+        return 2 if self.version.startswith("1.") else 3
 
     def _config_toml(self) -> str:
-        # CRI is not needed and slows start-up; NRI would open a socket under /var/run/nri.
-        disabled = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri"]
+        # NRI would open a socket under /var/run/nri; CRI, when not tested, slows start-up.
+        disabled = ["io.containerd.nri.v1.nri"]
         extra = ""
-        if self.version.startswith("1."):
-            config_version = 2
-        else:
-            config_version = 3
-            disabled += ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"]
+        if not self.cri:
+            disabled.append("io.containerd.grpc.v1.cri")
+            if self.config_version == 3:
+                disabled += ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"]
+        if self.config_version == 3:
             # 2.x unpacks imported images through the transfer service.
             extra = (
                 '[plugins."io.containerd.transfer.v1.local"]\n'
                 f'  unpack_config = [{{platform = "linux", snapshotter = "{self.snapshotter}"}}]\n'
             )
+        if self.cri:
+            extra += self._cri_config_toml()
         quoted = ", ".join(f'"{name}"' for name in disabled)
+        imports = f'imports = ["{self.base / "conf.d"}/*.toml"]\n' if self.cri else ""
         return (
-            f"version = {config_version}\n"
-            f'root = "{self.root}"\n'
+            f"version = {self.config_version}\n" + imports + f'root = "{self.root}"\n'
             f'state = "{self.state}"\n'
             f"disabled_plugins = [{quoted}]\n"
             f'[grpc]\n  address = "{self.address}"\n'
             f'[ttrpc]\n  address = "{self.ttrpc_address}"\n'
             '[debug]\n  level = "debug"\n'
             f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{self.base / "opt"}"\n' + extra
+        )
+
+    def _install_handlers(self) -> None:
+        """`pyshim install`, as an administrator runs it, on this containerd's private paths."""
+        argv = [str(VENV_BIN / "pyshim"), "install", "--containerd", str(self.binaries.containerd)]
+        argv += [
+            "--config",
+            str(self.base / "config.toml"),
+            "--drop-in-dir",
+            str(self.base / "conf.d"),
+        ]
+        argv += [
+            "--bin-dir",
+            str(self.base / "bin"),
+            "--runsc-config",
+            str(self.base / "runsc.toml"),
+        ]
+        installed = run(argv, timeout=60, check=False)
+        if installed.returncode:
+            raise HarnessError(f"pyshim install failed:\n{installed.stdout}{installed.stderr}")
+
+    def _cri_config_toml(self) -> str:
+        """CRI: the offline pause image, no CNI (pods use the host network), the streaming
+        server on loopback, and containerd's own runc shim as the reference handler `runc`.
+        Root here lacks CAP_SYS_RESOURCE, so no oom_score_adj may go below containerd's own
+        (CRI gives pause -998 otherwise, and runc init dies)."""
+        pause = image_ref(ensure_image(pause=True))
+        cni = f'  bin_dir = "{self.base / "cni-bin"}"\n  conf_dir = "{self.base / "cni-conf"}"\n'
+        server = (
+            '  stream_server_address = "127.0.0.1"\n  stream_server_port = "0"\n'
+            "  restrict_oom_score_adj = true\n"
+        )
+        if self.config_version == 2:
+            cri = '[plugins."io.containerd.grpc.v1.cri"'
+            return (
+                f'{cri}]\n  sandbox_image = "{pause}"\n{server}'
+                f"{cri}.cni]\n{cni}"
+                f'{cri}.containerd]\n  snapshotter = "{self.snapshotter}"\n'
+                '  default_runtime_name = "runc"\n'
+                f'{cri}.containerd.runtimes.runc]\n  runtime_type = "{GO_RUNTIME}"\n'
+            )
+        images, runtime = (
+            "[plugins.'io.containerd.cri.v1.images'",
+            "[plugins.'io.containerd.cri.v1.runtime'",
+        )
+        return (
+            f'{images}]\n  snapshotter = "{self.snapshotter}"\n'
+            f'{images}.pinned_images]\n  sandbox = "{pause}"\n'
+            f"{runtime}.cni]\n{cni}"
+            f'{runtime}.containerd]\n  default_runtime_name = "runc"\n'
+            f'{runtime}.containerd.runtimes.runc]\n  runtime_type = "{GO_RUNTIME}"\n'
+            f"[plugins.'io.containerd.grpc.v1.cri']\n{server}"
         )
 
     def _launch(self) -> None:
@@ -423,9 +497,12 @@ class PrivateContainerd:
         cgroup_dirs = [Path("/sys/fs/cgroup")] + [
             p for p in Path("/sys/fs/cgroup").iterdir() if p.is_dir()
         ]
-        for parent in runtime_roots + cgroup_dirs:
+        for parent in runtime_roots:
             with contextlib.suppress(OSError):
                 (parent / self.namespace).rmdir()
+        for parent in cgroup_dirs:
+            with contextlib.suppress(OSError):
+                (parent / self.cgroup_parent).rmdir()
 
     # -- ctr -------------------------------------------------------------------------------
 

@@ -1,0 +1,69 @@
+"""Fixtures for the CRI tests: one private containerd per session with the CRI plugin and the
+handlers `pyshim install` registers (plus `runc`, containerd's own shim, as the reference),
+driven through the CRI gRPC API as the kubelet drives it.
+
+After every test the autouse `clean_pods` removes every pod, as a kubelet draining the node,
+and fails the test if a shim process, a mount or runsc state outlived them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+
+from cri_client import CriClient  # noqa: E402
+from harness import (  # noqa: E402
+    DEFAULT_VERSION,
+    HarnessError,
+    PrivateContainerd,
+    unusable_reason,
+    wait_until,
+)
+
+RUNSC_ROOT = Path("/run/containerd/runsc")
+
+
+@pytest.fixture(scope="session")
+def containerd() -> Iterator[PrivateContainerd]:
+    reason = unusable_reason()
+    if reason:
+        pytest.skip(reason)
+    try:
+        with PrivateContainerd(version=DEFAULT_VERSION, cri=True) as private:
+            yield private
+    except HarnessError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def cri(containerd: PrivateContainerd) -> Iterator[CriClient]:
+    client = CriClient(containerd.address, containerd.cgroup_parent, containerd.base / "pod-logs")
+    try:
+        yield client
+    finally:
+        client.remove_all()
+        client.close()
+
+
+def runsc_state(containerd: PrivateContainerd, cri: CriClient) -> list[str]:
+    """runsc's state files of the test's pods and containers (runsc names them by id)."""
+    root = RUNSC_ROOT / containerd.namespace
+    if not root.is_dir():
+        return []
+    return [f"runsc state {p}" for p in root.iterdir() if any(i in p.name for i in cri.created)]
+
+
+@pytest.fixture(autouse=True)
+def clean_pods(containerd: PrivateContainerd, cri: CriClient) -> Iterator[None]:
+    yield
+    cri.remove_all()
+    wait_until(lambda: not containerd.leftovers(), timeout=10, interval=0.1)
+    leftovers = containerd.leftovers() + runsc_state(containerd, cri)
+    if leftovers:
+        containerd.force_clean()
+        pytest.fail("test left behind:\n  " + "\n  ".join(leftovers), pytrace=False)

@@ -1,0 +1,199 @@
+"""The kubelet's side of CRI, for tests: pods and containers through containerd's CRI gRPC API
+(the `container-runtime-interface-api` client), with the settings a test needs and no more."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cri_api.v1 import api_pb2 as cri
+from cri_api.v1.api_pb2_grpc import ImageServiceStub, RuntimeServiceStub
+
+NODE = cri.NamespaceMode.NODE
+CONTAINER = cri.NamespaceMode.CONTAINER
+POD = cri.NamespaceMode.POD
+CALL_TIMEOUT = 120.0  # a gVisor sandbox or a module compile takes seconds; a hang fails
+
+
+class Pod:
+    """A pod sandbox the client made: its id and the config every later call repeats."""
+
+    def __init__(self, id: str, config: cri.PodSandboxConfig, handler: str) -> None:
+        self.id = id
+        self.config = config
+        self.handler = handler
+
+    @property
+    def log_directory(self) -> Path:
+        return Path(self.config.log_directory)
+
+
+class CriClient:
+    def __init__(self, address: str, cgroup_parent: str, log_root: Path) -> None:
+        self.channel = grpc.insecure_channel(f"unix://{address}")
+        self.runtime = RuntimeServiceStub(self.channel)
+        self.images = ImageServiceStub(self.channel)
+        self.cgroup_parent = "/" + cgroup_parent.strip("/")
+        self.log_root = log_root
+        self.created: set[str] = set()  # every pod and container id, for leftover checks
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def call(self, method: str, request: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        return getattr(self.runtime, method)(request, timeout=timeout)
+
+    # -- pods ------------------------------------------------------------------------------
+
+    def run_pod(
+        self,
+        handler: str,
+        name: str = "",
+        pid_mode: int = CONTAINER,
+        annotations: Mapping[str, str] | None = None,
+    ) -> Pod:
+        """A host-network pod (no CNI needed) under the test's cgroup parent."""
+        name = name or f"pod-{uuid.uuid4().hex[:8]}"
+        uid = uuid.uuid4().hex
+        log_directory = self.log_root / uid
+        log_directory.mkdir(parents=True)
+        config = cri.PodSandboxConfig(
+            metadata=cri.PodSandboxMetadata(name=name, uid=uid, namespace="default", attempt=0),
+            log_directory=str(log_directory),
+            annotations=dict(annotations or {}),
+            linux=cri.LinuxPodSandboxConfig(
+                cgroup_parent=self.cgroup_parent,
+                security_context=cri.LinuxSandboxSecurityContext(
+                    namespace_options=cri.NamespaceOption(network=NODE, pid=pid_mode, ipc=NODE)
+                ),
+            ),
+        )
+        response = self.call(
+            "RunPodSandbox", cri.RunPodSandboxRequest(config=config, runtime_handler=handler)
+        )
+        self.created.add(response.pod_sandbox_id)
+        return Pod(response.pod_sandbox_id, config, handler)
+
+    def pod_status(self, pod: Pod | str, verbose: bool = False) -> Any:
+        pod_id = pod.id if isinstance(pod, Pod) else pod
+        return self.call(
+            "PodSandboxStatus", cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=verbose)
+        )
+
+    def stop_pod(self, pod: Pod | str) -> None:
+        pod_id = pod.id if isinstance(pod, Pod) else pod
+        self.call("StopPodSandbox", cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+
+    def remove_pod(self, pod: Pod | str) -> None:
+        pod_id = pod.id if isinstance(pod, Pod) else pod
+        self.call("RemovePodSandbox", cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
+    def list_pods(self) -> list[Any]:
+        return list(self.call("ListPodSandbox", cri.ListPodSandboxRequest()).items)
+
+    def remove_all(self) -> None:
+        """Stop and remove every pod (and so its containers), as a kubelet draining a node."""
+        for pod in self.list_pods():
+            self.stop_pod(pod.id)
+            self.remove_pod(pod.id)
+
+    # -- containers ------------------------------------------------------------------------
+
+    def create_container(
+        self,
+        pod: Pod,
+        image: str,
+        command: Sequence[str],
+        name: str = "",
+        tty: bool = False,
+        stdin: bool = False,
+        memory_limit: int = 0,
+        env: Mapping[str, str] | None = None,
+    ) -> str:
+        name = name or f"c-{uuid.uuid4().hex[:8]}"
+        config = cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name=name, attempt=0),
+            image=cri.ImageSpec(image=image),
+            command=list(command),
+            envs=[cri.KeyValue(key=k, value=v) for k, v in (env or {}).items()],
+            log_path=f"{name}.log",
+            tty=tty,
+            stdin=stdin,
+            linux=cri.LinuxContainerConfig(
+                resources=cri.LinuxContainerResources(memory_limit_in_bytes=memory_limit),
+            ),
+        )
+        request = cri.CreateContainerRequest(
+            pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config
+        )
+        container_id = str(self.call("CreateContainer", request).container_id)
+        self.created.add(container_id)
+        return container_id
+
+    def start_container(self, container_id: str) -> None:
+        self.call("StartContainer", cri.StartContainerRequest(container_id=container_id))
+
+    def run_container(self, pod: Pod, image: str, command: Sequence[str], **kwargs: Any) -> str:
+        container_id = self.create_container(pod, image, command, **kwargs)
+        self.start_container(container_id)
+        return container_id
+
+    def container_status(self, container_id: str) -> Any:
+        request = cri.ContainerStatusRequest(container_id=container_id, verbose=True)
+        return self.call("ContainerStatus", request)
+
+    def state(self, container_id: str) -> int:
+        return int(self.container_status(container_id).status.state)
+
+    def wait_exited(self, container_id: str, timeout: float = 60) -> Any:
+        """The ContainerStatus once the container is EXITED; TimeoutError if it is not."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.container_status(container_id).status
+            if status.state == cri.ContainerState.CONTAINER_EXITED:
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{container_id} still {status.state} after {timeout}s")
+            time.sleep(0.1)
+
+    def stop_container(self, container_id: str, grace: int = 10) -> None:
+        request = cri.StopContainerRequest(container_id=container_id, timeout=grace)
+        self.call("StopContainer", request, timeout=grace + CALL_TIMEOUT)
+
+    def remove_container(self, container_id: str) -> None:
+        self.call("RemoveContainer", cri.RemoveContainerRequest(container_id=container_id))
+
+    def exec_sync(self, container_id: str, command: Sequence[str], timeout: int = 0) -> Any:
+        request = cri.ExecSyncRequest(container_id=container_id, cmd=list(command), timeout=timeout)
+        return self.call("ExecSync", request, timeout=(timeout or 60) + CALL_TIMEOUT)
+
+    def stats(self, container_id: str) -> Any:
+        return self.call("ContainerStats", cri.ContainerStatsRequest(container_id=container_id))
+
+    def list_stats(self, pod: Pod) -> list[Any]:
+        request = cri.ListContainerStatsRequest(
+            filter=cri.ContainerStatsFilter(pod_sandbox_id=pod.id)
+        )
+        return list(self.call("ListContainerStats", request).stats)
+
+    def update_resources(self, container_id: str, **resources: int) -> None:
+        request = cri.UpdateContainerResourcesRequest(
+            container_id=container_id, linux=cri.LinuxContainerResources(**resources)
+        )
+        self.call("UpdateContainerResources", request)
+
+    def reopen_log(self, container_id: str) -> None:
+        self.call("ReopenContainerLog", cri.ReopenContainerLogRequest(container_id=container_id))
+
+    def log_lines(self, pod: Pod, container_id: str) -> list[tuple[str, str, str]]:
+        """(stream, tag, message) of each line of the container's CRI log file."""
+        path = Path(self.container_status(container_id).status.log_path)
+        lines = []
+        for line in path.read_text(errors="replace").splitlines():
+            _time, stream, tag, message = (line.split(" ", 3) + [""])[:4]
+            lines.append((stream, tag, message))
+        return lines
