@@ -16,8 +16,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
-from cri_client import CriClient  # noqa: E402
-from harness import (  # noqa: E402
+from cri_client import CriClient
+from harness import (
     DEFAULT_VERSION,
     HarnessError,
     PrivateContainerd,

@@ -194,6 +194,6 @@ class CriClient:
         path = Path(self.container_status(container_id).status.log_path)
         lines = []
         for line in path.read_text(errors="replace").splitlines():
-            _time, stream, tag, message = (line.split(" ", 3) + [""])[:4]
+            _time, stream, tag, message = ([*line.split(" ", 3), ""])[:4]
             lines.append((stream, tag, message))
         return lines
