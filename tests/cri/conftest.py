@@ -24,6 +24,8 @@ from harness import (
     unusable_reason,
     wait_until,
 )
+from wasm_image import IMAGE as WASM_IMAGE
+from wasm_image import build_image, wasm_build_unusable_reason
 
 RUNSC_ROOT = Path("/run/containerd/runsc")
 
@@ -56,6 +58,16 @@ def runsc_state(containerd: PrivateContainerd, cri: CriClient) -> list[str]:
     if not root.is_dir():
         return []
     return [f"runsc state {p}" for p in root.iterdir() if any(i in p.name for i in cri.created)]
+
+
+@pytest.fixture(scope="session")
+def wasm_image(containerd: PrivateContainerd, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The WASI test programs' image (tests/e2e/wasm), in the CRI namespace; its name."""
+    reason = wasm_build_unusable_reason()
+    if reason:
+        pytest.skip(reason)
+    containerd.ctr("images", "import", str(build_image(tmp_path_factory.mktemp("wasm"))))
+    return WASM_IMAGE
 
 
 @pytest.fixture(autouse=True)
