@@ -393,14 +393,12 @@ class PrivateContainerd:
         (CRI gives pause -998 otherwise, and runc init dies)."""
         pause = image_ref(ensure_image(pause=True))
         cni = f'  bin_dir = "{self.base / "cni-bin"}"\n  conf_dir = "{self.base / "cni-conf"}"\n'
-        server = (
-            '  stream_server_address = "127.0.0.1"\n  stream_server_port = "0"\n'
-            "  restrict_oom_score_adj = true\n"
-        )
+        server = '  stream_server_address = "127.0.0.1"\n  stream_server_port = "0"\n'
+        oom = "  restrict_oom_score_adj = true\n"
         if self.config_version == 2:
             cri = '[plugins."io.containerd.grpc.v1.cri"'
             return (
-                f'{cri}]\n  sandbox_image = "{pause}"\n{server}'
+                f'{cri}]\n  sandbox_image = "{pause}"\n{server}{oom}'
                 f"{cri}.cni]\n{cni}"
                 f'{cri}.containerd]\n  snapshotter = "{self.snapshotter}"\n'
                 '  default_runtime_name = "runc"\n'
@@ -413,6 +411,7 @@ class PrivateContainerd:
         return (
             f'{images}]\n  snapshotter = "{self.snapshotter}"\n'
             f'{images}.pinned_images]\n  sandbox = "{pause}"\n'
+            f"{runtime}]\n{oom}"
             f"{runtime}.cni]\n{cni}"
             f'{runtime}.containerd]\n  default_runtime_name = "runc"\n'
             f'{runtime}.containerd.runtimes.runc]\n  runtime_type = "{GO_RUNTIME}"\n'
