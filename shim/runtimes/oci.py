@@ -211,12 +211,16 @@ class OciCliContainer(Container):
     def _exec_flags(self, exec_id: str) -> list[str]:
         return []
 
+    def _create_stdio(self) -> ProcessStdio:
+        """The stdio `create` hands over (the container's, unless it takes it at start)."""
+        return self._config.stdio
+
     async def create(self) -> Launched | None:
         if self._config.checkpoint:
             return None  # restored at Start
         args = ["create", "--bundle", self._bundle, "--pid-file", self._pid_file("init")]
         args += [*self._create_flags(), self._id]
-        launched = await self._launch(args, self._config.stdio, self._pid_file("init"))
+        launched = await self._launch(args, self._create_stdio(), self._pid_file("init"))
         self._pid = launched.pid
         return launched
 
@@ -275,6 +279,10 @@ class OciCliContainer(Container):
 
     async def resume(self) -> None:
         await self._checked("resume", "resume", self._id)
+
+    async def update(self, resources: Mapping[str, Any]) -> None:
+        resources_json = json.dumps(resources).encode()
+        await self._checked("update", "update", "--resources", "-", self._id, input=resources_json)
 
     async def pids(self) -> Sequence[int]:
         output = await self._checked("ps", "ps", "--format", "json", self._id)

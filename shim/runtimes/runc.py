@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import subprocess
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,11 +79,6 @@ class RuncContainer(oci.OciCliContainer):
         if self._config.parent_checkpoint:
             flags += ["--parent-path", self._config.parent_checkpoint]
         return flags
-
-    async def update(self, resources: Mapping[str, Any]) -> None:
-        await self._checked(
-            "update", "update", "--resources", "-", self._id, input=json.dumps(resources).encode()
-        )
 
     async def stats(self) -> Any:
         from shim.sys.cgroups import Cgroup
