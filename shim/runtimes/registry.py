@@ -21,6 +21,11 @@ _BUILTIN = {
 }
 
 
+def builtin_runtime_names() -> tuple[str, ...]:
+    """The backends pyshim ships (each with a ``containerd-shim-<name>-v1`` console script)."""
+    return tuple(_BUILTIN)
+
+
 class UnknownRuntimeError(LookupError):
     pass
 

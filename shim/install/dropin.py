@@ -1,0 +1,151 @@
+"""The text of the files the installer writes: the containerd drop-in and a starter runsc.toml.
+
+Pure functions only; the standard library reads TOML (tomllib) but cannot write it, so this
+module writes the little TOML it needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from shim.runtimes.registry import runtime_type
+from shim.runtimes.runsc import CONFIG_TYPE_URL
+
+MARKER = "# Written by pyshim install"  # the first line of every drop-in we own
+
+# The CRI runtime section per config version, as its table header spells it.
+CRI_PLUGIN = {
+    2: 'plugins."io.containerd.grpc.v1.cri"',
+    3: "plugins.'io.containerd.cri.v1.runtime'",
+}
+CRI_PLUGIN_V2 = "io.containerd.grpc.v1.cri"
+
+# containerd 1.x's built-in handler, lost once any file defines a runtimes table.
+DEFAULT_RUNC = {"runtime_type": "io.containerd.runc.v2"}
+
+RUNSC_TOML = """\
+# runsc.toml for pyshim's pyrunsc handler (gVisor's format), written by pyshim install and
+# then yours to edit: pyshim never rewrites or removes it.
+#
+# [runsc_config] holds runsc flags, each as  flag = "value"  (%ID% becomes the container id):
+#   platform = "systrap"
+#   debug = "true"
+#   debug-log = "/var/log/runsc/%ID%/"
+# Top-level keys (above the table): binary_name = "runsc", root = "/run/containerd/runsc".
+[runsc_config]
+"""
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def is_ours(text: str) -> bool:
+    return text.startswith(MARKER)
+
+
+def handler_table(name: str, runsc_config: Path) -> dict[str, Any]:
+    """The CRI runtime handler for one backend."""
+    table: dict[str, Any] = {"runtime_type": runtime_type(name)}
+    if name == "pyrunsc":
+        # CRI sends these as runtimeoptions.v1.Options; the shim reads the file at ConfigPath.
+        table["options"] = {"TypeUrl": CONFIG_TYPE_URL, "ConfigPath": str(runsc_config)}
+    return table
+
+
+def render_dropin(
+    backends: Sequence[str],
+    config_version: int,
+    runsc_config: Path,
+    cri_base: Mapping[str, Any] | None = None,
+) -> str:
+    """The drop-in registering one CRI handler per backend, in config ``version = 2`` or 3.
+
+    ``cri_base``, for containerd 1.x only, is the main config's whole CRI section: 1.x lets a
+    file's plugin section replace the previous files' one whole, so the drop-in must repeat it
+    (and keep the default ``runc`` handler, which a runtimes table replaces).
+    """
+    cri: dict[str, Any] = copy.deepcopy(dict(cri_base or {}))
+    runtimes = cri.setdefault("containerd", {}).setdefault("runtimes", {})
+    if cri_base is not None and not runtimes:
+        runtimes["runc"] = dict(DEFAULT_RUNC)
+    for name in backends:
+        runtimes[name] = handler_table(name, runsc_config)
+    lines = [
+        f"{MARKER}; pyshim uninstall removes it. Edits are lost on the next install.",
+        "# CRI runtime handlers for the pyshim shims (a RuntimeClass's handler is the table name).",
+    ]
+    if cri_base is not None:
+        lines += [
+            "# containerd 1.x keeps only the last file's CRI section, so this one repeats the main",
+            "# config's: run pyshim install again after changing the CRI settings there.",
+        ]
+    lines += [f"version = {config_version}", ""]
+    _emit_table(lines, CRI_PLUGIN[config_version], cri)
+    text = "\n".join(lines).rstrip("\n") + "\n"
+    tomllib.loads(text)  # a writer bug must fail here, not in containerd
+    return text
+
+
+def _emit_table(lines: list[str], header: str, table: Mapping[str, Any]) -> None:
+    """Appends ``[header]`` with its values, then its sub-tables. A header is written only for
+    a table with values of its own (or none at all), so parents stay implicit."""
+    scalars = {k: v for k, v in table.items() if not isinstance(v, Mapping)}
+    if scalars or not table:
+        lines.append(f"[{header}]")
+        lines += [f"  {toml_key(k)} = {toml_value(v)}" for k, v in scalars.items()]
+        lines.append("")
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            _emit_table(lines, f"{header}.{toml_key(key)}", value)
+
+
+def toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else toml_string(key)
+
+
+def toml_string(text: str) -> str:
+    return '"' + "".join(_escape(c) for c in text) + '"'
+
+
+def _escape(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    if ord(char) < 0x20 or char == "\x7f":
+        return f"\\u{ord(char):04x}"
+    return char
+
+
+def toml_value(value: Any) -> str:
+    """Any value tomllib returns, written back (tables inline)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return ("-inf" if value < 0 else "inf") if math.isinf(value) else repr(value)
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"not a TOML value: {value!r}")

@@ -1,0 +1,358 @@
+"""pyshim install / uninstall against private paths and a fake containerd (no root needed)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sysconfig
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shim.install import main
+from shim.install.dropin import MARKER, render_dropin
+from shim.install.mainconfig import add_import, import_matches
+from shim.runtimes.registry import builtin_runtime_names
+
+CONTAINERD_16 = "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+b1"
+CONTAINERD_21 = "containerd github.com/containerd/containerd/v2 2.1.9+unknown "
+CRI_V2 = "io.containerd.grpc.v1.cri"
+CRI_V3 = "io.containerd.cri.v1.runtime"
+SCRIPTS = Path(sysconfig.get_path("scripts"))
+
+MAIN_CONFIG = """\
+version = 2
+
+# CRI settings
+[plugins]
+  [plugins."io.containerd.grpc.v1.cri"]
+    sandbox_image = "registry.k8s.io/pause:3.9"
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "/usr/lib/cni"
+"""
+
+
+class Node:
+    """A containerd config, drop-in dir and bin dir under tmp_path, and the CLI against them."""
+
+    def __init__(self, root: Path, version_line: str = CONTAINERD_16) -> None:
+        self.root = root
+        self.config = root / "etc" / "config.toml"
+        self.drop_in_dir = root / "etc" / "conf.d"
+        self.drop_in = self.drop_in_dir / "pyshim.toml"
+        self.bin_dir = root / "bin"
+        self.runsc_config = root / "etc" / "runsc.toml"
+        self.containerd = root / "containerd"
+        self.containerd.write_text(f"#!/bin/sh\necho '{version_line}'\n")
+        self.containerd.chmod(0o755)
+        self.config.parent.mkdir()
+
+    def args(self, command: str, *extra: str) -> list[str]:
+        return [
+            command,
+            *extra,
+            f"--containerd={self.containerd}",
+            f"--config={self.config}",
+            f"--drop-in-dir={self.drop_in_dir}",
+            f"--bin-dir={self.bin_dir}",
+            f"--runsc-config={self.runsc_config}",
+        ]
+
+    def run(self, command: str, *extra: str) -> int:
+        return main(self.args(command, *extra))
+
+    def snapshot(self) -> dict[str, str]:
+        """Every file under root: its content, or where a symlink points."""
+        found = {}
+        for path in sorted(self.root.rglob("*")):
+            if path.is_symlink():
+                found[str(path)] = "-> " + os.readlink(path)
+            elif path.is_file():
+                found[str(path)] = path.read_text()
+        return found
+
+
+@pytest.fixture(autouse=True)
+def as_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Node:
+    return Node(tmp_path)
+
+
+def imported(node: Node) -> Node:
+    node.config.write_text(f'version = 2\nimports = ["{node.drop_in_dir}/*.toml"]\n')
+    return node
+
+
+def runtimes(text: str, plugin: str) -> dict[str, Any]:
+    table: dict[str, Any] = tomllib.loads(text)["plugins"][plugin]["containerd"]["runtimes"]
+    return table
+
+
+def test_builtin_backends() -> None:
+    assert builtin_runtime_names() == ("pyrunc", "pyrunsc", "pywasm")
+
+
+@pytest.mark.parametrize(
+    ("version", "plugin", "header"),
+    [
+        (2, CRI_V2, '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pyrunsc.options]'),
+        (3, CRI_V3, "[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.pyrunsc.options]"),
+    ],
+)
+def test_drop_in_text(version: int, plugin: str, header: str) -> None:
+    text = render_dropin(builtin_runtime_names(), version, Path("/etc/r.toml"))
+    assert text.startswith(MARKER)
+    assert f"\nversion = {version}\n" in text
+    assert header in text.splitlines()
+    assert tomllib.loads(text)["version"] == version
+    assert runtimes(text, plugin) == {
+        "pyrunc": {"runtime_type": "io.containerd.pyrunc.v1"},
+        "pyrunsc": {
+            "runtime_type": "io.containerd.pyrunsc.v1",
+            "options": {"TypeUrl": "io.containerd.runsc.v1.options", "ConfigPath": "/etc/r.toml"},
+        },
+        "pywasm": {"runtime_type": "io.containerd.pywasm.v1"},
+    }
+
+
+def test_drop_in_for_containerd_1_repeats_the_cri_section() -> None:
+    base = {
+        "sandbox_image": 'odd "quoted"\\name\n',
+        "max_conf_num": 1,
+        "ratio": 0.5,
+        "enabled": True,
+        "since": datetime.date(2024, 1, 2),
+        "list": ["a", {"inline key": [1, 2]}],
+        "cni": {"bin_dir": "/usr/lib/cni"},
+        "empty": {},
+    }
+    parsed = tomllib.loads(render_dropin(["pyrunc"], 2, Path("/r.toml"), base))
+    cri = parsed["plugins"][CRI_V2]
+    assert cri.pop("containerd") == {
+        "runtimes": {
+            "runc": {"runtime_type": "io.containerd.runc.v2"},  # 1.x's default, kept
+            "pyrunc": {"runtime_type": "io.containerd.pyrunc.v1"},
+        }
+    }
+    assert cri == base
+
+
+def test_install_then_again_changes_nothing(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    imported(node)
+    assert node.run("install") == 0
+    first = capsys.readouterr().out
+    assert "restart containerd 1.6 to load the handlers: systemctl restart containerd" in first
+    for backend in builtin_runtime_names():
+        name = f"containerd-shim-{backend}-v1"
+        assert os.readlink(node.bin_dir / name) == str(SCRIPTS / name)
+    text = node.drop_in.read_text()
+    assert set(runtimes(text, CRI_V2)) == {"runc", "pyrunc", "pyrunsc", "pywasm"}
+    assert "[runsc_config]" in node.runsc_config.read_text()
+    installed = node.snapshot()
+
+    assert node.run("install") == 0
+    second = capsys.readouterr().out.splitlines()
+    assert node.snapshot() == installed
+    assert second[-1] == "nothing changed"
+    assert all(line.startswith("unchanged: ") for line in second[:-1])
+
+
+def test_containerd_2_gets_version_3(tmp_path: Path) -> None:
+    node = Node(tmp_path, CONTAINERD_21)
+    node.config.write_text(f"version = 3\nimports = ['{node.drop_in_dir}/*.toml']\n")
+    assert node.run("install") == 0
+    text = node.drop_in.read_text()
+    assert tomllib.loads(text)["version"] == 3
+    assert set(runtimes(text, CRI_V3)) == {"pyrunc", "pyrunsc", "pywasm"}
+
+
+def test_containerd_2_with_a_version_2_config_gets_version_2(tmp_path: Path) -> None:
+    node = imported(Node(tmp_path, CONTAINERD_21))
+    assert node.run("install") == 0
+    text = node.drop_in.read_text()
+    assert tomllib.loads(text)["version"] == 2
+    assert set(runtimes(text, CRI_V2)) == {"pyrunc", "pyrunsc", "pywasm"}  # 2.x merges deeply
+
+
+def test_missing_import_stops_before_any_change(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node.config.write_text(MAIN_CONFIG)
+    before = node.snapshot()
+    assert node.run("install") == 1
+    err = capsys.readouterr().err
+    assert f'imports = ["{node.drop_in_dir}/*.toml"]' in err
+    assert "Traceback" not in err
+    assert node.snapshot() == before
+
+
+def test_missing_config_stops_without_add_import(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert node.run("install") == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert node.snapshot() == {str(node.containerd): node.containerd.read_text()}
+
+
+def test_add_import_backs_up_and_inserts_one_line(node: Node) -> None:
+    node.config.write_text(MAIN_CONFIG)
+    assert node.run("install", "--add-import") == 0
+    assert (node.config.parent / "config.toml.pyshim-backup").read_text() == MAIN_CONFIG
+    line = f'imports = ["{node.drop_in_dir}/*.toml"]\n\n'
+    edited = node.config.read_text()
+    assert edited == MAIN_CONFIG.replace("# CRI settings", line + "# CRI settings")
+    # Carried into the drop-in: on 1.x its CRI section replaces the main config's.
+    cri = tomllib.loads(node.drop_in.read_text())["plugins"][CRI_V2]
+    assert cri["sandbox_image"] == "registry.k8s.io/pause:3.9"
+
+    node.config.write_text(MAIN_CONFIG)  # a second edit keeps the first backup
+    assert node.run("install", "--add-import") == 0
+    assert len(list(node.config.parent.glob("config.toml.pyshim-backup.*"))) == 1
+
+
+def test_add_import_creates_a_missing_config(node: Node) -> None:
+    assert node.run("install", "--add-import") == 0
+    assert node.config.read_text() == f'version = 2\nimports = ["{node.drop_in_dir}/*.toml"]\n'
+
+
+def test_dry_run_changes_nothing(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    node.config.write_text(MAIN_CONFIG)
+    before = node.snapshot()
+    assert node.run("install", "--dry-run", "--add-import") == 0
+    out = capsys.readouterr().out
+    assert node.snapshot() == before
+    assert f"would write {node.drop_in}" in out
+    assert f"would create symlink {node.bin_dir}/containerd-shim-pyrunc-v1 -> " in out
+    assert '    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pywasm]' in out
+    assert f'+imports = ["{node.drop_in_dir}/*.toml"]' in out
+    assert out.endswith("dry run: nothing changed\n")
+
+
+def test_a_foreign_file_at_a_link_is_refused(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    imported(node)
+    node.bin_dir.mkdir()
+    (node.bin_dir / "containerd-shim-pyrunsc-v1").write_text("someone else's shim")
+    before = node.snapshot()
+    assert node.run("install") == 1
+    assert f"{node.bin_dir}/containerd-shim-pyrunsc-v1 exists" in capsys.readouterr().err
+    assert node.snapshot() == before
+
+
+def test_a_foreign_drop_in_is_refused(node: Node) -> None:
+    imported(node)
+    node.drop_in_dir.mkdir()
+    node.drop_in.write_text("version = 2\n")
+    assert node.run("install") == 1
+    assert node.drop_in.read_text() == "version = 2\n"
+
+
+def test_uninstall_removes_only_ours(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    imported(node)
+    assert node.run("install") == 0
+    foreign = node.bin_dir / "containerd-shim-pywasm-v1"
+    foreign.unlink()
+    foreign.symlink_to("/usr/bin/true")
+    config = node.config.read_text()
+    assert node.run("uninstall") == 0
+    out = capsys.readouterr().out
+    assert not node.drop_in.exists()
+    assert sorted(p.name for p in node.bin_dir.iterdir()) == ["containerd-shim-pywasm-v1"]
+    assert os.readlink(foreign) == "/usr/bin/true"
+    assert node.runsc_config.exists() and node.config.read_text() == config
+    assert f"left in place: {node.runsc_config}" in out
+    assert f"left in place: the imports entry in {node.config}" in out
+
+    node.drop_in.write_text("version = 2\n")  # not ours
+    assert node.run("uninstall") == 0
+    assert node.drop_in.exists()
+    assert "nothing changed" in capsys.readouterr().out
+
+
+def test_another_cri_drop_in_is_refused_on_containerd_1(node: Node) -> None:
+    imported(node)
+    node.drop_in_dir.mkdir()
+    (node.drop_in_dir / "registry.toml").write_text(f'[plugins."{CRI_V2}".registry]\n')
+    assert node.run("install") == 1
+    assert not node.drop_in.exists()
+
+
+def test_errors_are_messages(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    imported(node)
+    node.containerd.write_text("#!/bin/sh\necho 'containerd version unknown'\n")
+    assert node.run("install") == 1
+    assert "cannot tell containerd's version" in capsys.readouterr().err
+
+    node.containerd.unlink()
+    assert node.run("install") == 1
+    assert f"cannot run {node.containerd} --version" in capsys.readouterr().err
+
+
+def test_unwritable_paths_stop_before_any_change(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    imported(node)
+    blocker = node.root / "file"
+    blocker.write_text("")
+    before = node.snapshot()
+    assert main([*node.args("install"), f"--bin-dir={blocker}/bin"]) == 1
+    assert f"{blocker} is not a directory" in capsys.readouterr().err
+    assert node.snapshot() == before
+
+
+def test_root_is_needed_except_for_dry_run(
+    node: Node, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    imported(node)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert node.run("install") == 1
+    assert "run it as root" in capsys.readouterr().err
+    assert node.run("install", "--dry-run") == 0
+
+
+@pytest.mark.parametrize(
+    ("entry", "matches"),
+    [
+        ("/etc/containerd/conf.d/*.toml", True),
+        ("/etc/containerd/conf.d/pyshim.toml", True),
+        ("conf.d/*.toml", True),  # relative to the config's directory
+        ("/etc/containerd/conf.d//./*.toml", True),  # cleaned like Go's filepath.Clean
+        ("/etc/containerd/*.toml", False),  # * does not cross /
+        ("/etc/containerd/*/*.toml", True),
+        ("/etc/containerd/conf.d/*.conf", False),
+        ("/etc/containerd/conf.d/pyshim.tom?", False),  # no * -> taken literally
+    ],
+)
+def test_import_matching(entry: str, matches: bool) -> None:
+    config = Path("/etc/containerd/config.toml")
+    assert import_matches(entry, config, Path("/etc/containerd/conf.d/pyshim.toml")) is matches
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("version = 2\n[plugins]\n", 'version = 2\nimports = ["/d/*.toml"]\n\n[plugins]\n'),
+        ("version = 2\n# cri\n[x]\n", 'version = 2\nimports = ["/d/*.toml"]\n\n# cri\n[x]\n'),
+        ("version = 2", 'version = 2\nimports = ["/d/*.toml"]\n'),
+        ("version = 2\r\n[x]\r\n", 'version = 2\r\nimports = ["/d/*.toml"]\r\n\r\n[x]\r\n'),
+        ("imports = []\n[x]\n", 'imports = ["/d/*.toml"]\n[x]\n'),
+        (
+            'imports = [\n  \'/a/*.toml\', # a ] in a comment\n  "/b\\"]",\n]\n',
+            'imports = [\n  \'/a/*.toml\', # a ] in a comment\n  "/b\\"]", "/d/*.toml",\n]\n',
+        ),
+    ],
+)
+def test_add_import_edits_minimally(text: str, expected: str) -> None:
+    assert add_import(text, "/d/*.toml") == expected
+
+
+def test_add_import_refuses_an_unsafe_edit() -> None:
+    with pytest.raises(ValueError, match="not written as an array"):
+        add_import('imports = "a"\n', "/d/*.toml")
