@@ -28,7 +28,7 @@ from collections.abc import Callable
 from shim.main import Flags, parse_flags
 from shim.manager import bind_socket, delete, detach, null_stdio, start
 from shim.relay import MESSAGE_MAX, REPLY_TIMEOUT, STDIO, decode_request
-from shim.sys.cmdline import set_cmdline
+from shim.sys.cmdline import set_cmdline, set_comm
 from shim.sys.fds import close_all_except
 
 TEMPLATE_COMM = "pyshim-template"
@@ -63,15 +63,10 @@ def _unlink_if_ours(path: str, identity: int) -> None:
             os.unlink(path)
 
 
-def _set_comm(name: str) -> None:
-    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as f:
-        f.write(name[:15])
-
-
 def _serve_template(
     listener: socket.socket, identity: int, program: str, containerd_address: str
 ) -> int:
-    _set_comm(TEMPLATE_COMM)
+    set_comm(TEMPLATE_COMM)
     set_cmdline([program, "-address", containerd_address, "template"])
     binary = os.path.basename(program)
     # Everything a daemon imports, imported once here and shared by every fork.
@@ -170,7 +165,7 @@ def _run(argv: list[str], reply: Callable[[int], object]) -> int:
 
     flags, _unknown = parse_flags(argv[1:])
     binary = os.path.basename(argv[0])
-    _set_comm(binary)
+    set_comm(binary)
     shown = argv
     if flags.action == "start":  # the daemon's, as containerd's shims show it: no action
         shown = argv[: len(argv) - 1 - argv[::-1].index("start")]

@@ -212,7 +212,7 @@ class WasmContainer(Container):
                 fds = {target: fd for target, fd in enumerate(given) if fd is not None}
             pid, exited = fork_call(
                 self._context.reaper,
-                lambda: runner.run(request),
+                lambda: runner.run(request, label),
                 fds={**fds, runner.REPORT_FD: report_write, runner.START_FD: start_read},
             )
         self._children[pid] = exited

@@ -1,4 +1,4 @@
-"""What a forked process shows as its command line (/proc/PID/cmdline: ps, pgrep -f).
+"""What a forked process shows as its command line (/proc/PID/cmdline: ps, pgrep -f) and name.
 
 Every shim daemon is a fork of the template and would show the template's argv, which is
 the first ``start`` it served: the wrong container id for every other shim. Like setproctitle,
@@ -8,6 +8,8 @@ not fit is cut. Changing the kernel's pointers instead (prctl PR_SET_MM) needs C
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from shim.sys._native import ffi
 
@@ -24,3 +26,9 @@ def set_cmdline(args: list[str]) -> None:
         return
     text = b"\0".join(arg.encode() for arg in args)[: size - 1]
     ffi.memmove(ffi.cast("char *", start), text.ljust(size, b"\0"), size)
+
+
+def set_comm(name: str) -> None:
+    """The process name (/proc/PID/comm: ps, pgrep without -f); the kernel keeps 15 bytes."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as f:
+        f.write(name[:15])

@@ -1,4 +1,5 @@
-"""The child process that runs one wasm module: ``run(REQUEST)`` in a fork of the shim.
+"""The child process that runs one wasm module: ``run(REQUEST, LABEL)`` in a fork of the shim,
+shown as ``pyshim-wasm LABEL``.
 
 The shim forks it (shim.sys.spawn.fork_call) with the process's stdio on fds 0-2, a report pipe
 on fd 3 and a start pipe on fd 4. It compiles (or loads from the cache) and instantiates the
@@ -20,6 +21,7 @@ from typing import Any
 
 import wasmtime
 
+from shim.sys.cmdline import set_cmdline, set_comm
 from shim.wasm.cache import ModuleCache
 
 REPORT_FD = 3
@@ -27,16 +29,20 @@ START_FD = 4
 # What `wasmtime run` exits with on a trap: 128 + SIGABRT, as if the program had aborted.
 TRAP_EXIT = 134
 FAILED_EXIT = 125  # the module never ran
+PROCESS_NAME = "pyshim-wasm"
 
 
 def report(**message: Any) -> None:
     os.write(REPORT_FD, (json.dumps(message) + "\n").encode())
 
 
-def run(request_json: str) -> int:
+def run(request_json: str, label: str) -> int:
     """Load, report, wait for the start pipe, run; the module's exit code. Its signals must
     have their default actions (fork_call sees to it): a module in a loop never returns to the
-    interpreter to run a Python handler."""
+    interpreter to run a Python handler. `label` (container id[/exec id]) names the process."""
+    # Not the shim's command line it was forked with: ps and pgrep -f would count it a shim.
+    set_comm(PROCESS_NAME)
+    set_cmdline([PROCESS_NAME, label])
     request = json.loads(request_json)
     try:
         engine = wasmtime.Engine()
