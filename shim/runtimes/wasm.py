@@ -1,5 +1,10 @@
 """The WebAssembly backend: WASI modules from ordinary OCI images, run on wasmtime.
 
+Under Kubernetes' CRI a pod's pause container is a Linux program, not a module: like runwasi,
+the backend runs it as a plain Linux container through runc (the pyrunc backend's container),
+and every other container of the pod as modules. The CRI annotation decides, not the binary's
+header, so that an app container that is not a module fails with a clear error.
+
 Each process (init or exec) is a child of the shim running ``shim.wasm.runner``, placed in the
 container's cgroup, so Kill, Pause/Resume, Pids, Stats and Update act on it like on a Linux
 container. The child is a fork of the daemon, which (like the template it came from) has
@@ -18,6 +23,7 @@ import signal
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from shim.runtimes import oci
 from shim.runtimes.base import (
     INIT_PID_FILE,
     Container,
@@ -27,6 +33,7 @@ from shim.runtimes.base import (
     Runtime,
     recorded_init_pid,
 )
+from shim.runtimes.runc import RuncRuntime
 from shim.sys.spawn import fork_call
 from shim.ttrpc.errors import Code, TtrpcError
 from shim.wasm import runner
@@ -41,6 +48,13 @@ CACHE_MAX_BYTES = 512 * 1024 * 1024
 READY_TIMEOUT = 60.0  # compiling a large module takes seconds; the first start pays it
 DELETE_TIMEOUT = 4.0  # containerd gives a shim's delete 5 s
 _REPORT_CHUNK = 65536
+CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
+
+
+def is_pod_sandbox(spec: Mapping[str, Any]) -> bool:
+    """Whether the spec is a CRI pod's sandbox (pause) container."""
+    annotations = spec.get("annotations") or {}
+    return annotations.get(CONTAINER_TYPE_ANNOTATION) == "sandbox"
 
 
 def _load_spec(bundle: str) -> dict[str, Any]:
@@ -321,10 +335,14 @@ class WasmContainer(Container):
 
 class WasmRuntime(Runtime):
     def container(self, config: ContainerConfig) -> Container:
+        if is_pod_sandbox(oci.read_spec(config.bundle)):
+            return RuncRuntime(self.context).container(config)
         return WasmContainer(self, config)
 
     @classmethod
     def cleanup(cls, namespace: str, bundle: str, container_id: str) -> int:
+        if is_pod_sandbox(oci.read_spec(bundle)):
+            return RuncRuntime.cleanup(namespace, bundle, container_id)
         try:
             spec = _load_spec(bundle)
             ContainerCgroup(cgroup_path(spec, namespace, container_id)).remove()

@@ -1,8 +1,9 @@
-"""The wasm backend's pieces that need no containerd: the module cache and the entrypoint
-checks made at Create."""
+"""The wasm backend's pieces that need no containerd: the module cache, the entrypoint checks
+made at Create, which backend runs a CRI pod's containers, and the cgroup limits it writes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -10,9 +11,14 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from shim.runtimes.wasm import runner_request
+from shim.runtimes.base import ContainerConfig, ProcessStdio, ShimContext
+from shim.runtimes.runc import RuncContainer, RuncRuntime
+from shim.runtimes.wasm import WasmContainer, WasmRuntime, is_pod_sandbox, runner_request
+from shim.sys.cgroups import Cgroup
+from shim.sys.reaper import Reaper
 from shim.ttrpc.errors import Code, TtrpcError
 from shim.wasm.cache import ModuleCache
+from shim.wasm.cgroup import ContainerCgroup, cpu_weight
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -123,3 +129,128 @@ def test_request_refuses_what_is_not_a_module_in_the_rootfs(
 
     assert raised.value.code == Code.INVALID_ARGUMENT
     assert message in str(raised.value)
+
+
+CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+
+
+@pytest.mark.parametrize(
+    ("annotations", "expected"),
+    [
+        ({CONTAINER_TYPE: "sandbox", "io.kubernetes.cri.sandbox-id": "p"}, True),
+        ({CONTAINER_TYPE: "container", "io.kubernetes.cri.sandbox-id": "p"}, False),
+        ({"io.kubernetes.cri.sandbox-id": "p"}, False),
+        (None, False),
+    ],
+)
+def test_only_cris_sandbox_container_is_the_pod_sandbox(
+    annotations: dict[str, str] | None, expected: bool
+) -> None:
+    assert is_pod_sandbox({"annotations": annotations}) is expected
+
+
+def bundle_with(tmp_path: Path, name: str, container_type: str | None) -> str:
+    bundle = tmp_path / name
+    bundle.mkdir()
+    annotations = {CONTAINER_TYPE: container_type} if container_type else {}
+    (bundle / "config.json").write_text(json.dumps({"annotations": annotations}))
+    return str(bundle)
+
+
+def test_the_pause_container_runs_on_runc_and_app_containers_as_modules(tmp_path: Path) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        runtime = WasmRuntime(ShimContext("k8s.io", "io.containerd.pywasm.v1", Reaper(loop, False)))
+        stdio = ProcessStdio(None, None, None, terminal=False)
+
+        def container(name: str, container_type: str | None) -> object:
+            bundle = bundle_with(tmp_path, name, container_type)
+            return runtime.container(ContainerConfig(name, bundle, stdio, options=None))
+
+        assert isinstance(container("pause", "sandbox"), RuncContainer)
+        assert isinstance(container("app", "container"), WasmContainer)
+        assert isinstance(container("ctr", None), WasmContainer)
+    finally:
+        loop.close()
+
+
+def test_delete_cleans_up_each_kind_its_own_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cleaned: list[str] = []
+
+    def runc_cleanup(namespace: str, bundle: str, container_id: str) -> int:
+        cleaned.append(f"runc {container_id}")
+        return 42
+
+    def remove_cgroup(self: ContainerCgroup) -> None:
+        cleaned.append(f"cgroup {self.cgroup.directories()[0].rsplit('/', 1)[-1]}")
+
+    monkeypatch.setattr(RuncRuntime, "cleanup", runc_cleanup)
+    monkeypatch.setattr(ContainerCgroup, "remove", remove_cgroup)
+    pause = bundle_with(tmp_path, "pause", "sandbox")
+    app = bundle_with(tmp_path, "app", "container")
+    (Path(app) / "init.pid").write_text("7")
+
+    assert WasmRuntime.cleanup("k8s.io", pause, "pause") == 42
+    assert WasmRuntime.cleanup("k8s.io", app, "app") == 7
+    assert cleaned == ["runc pause", "cgroup app"]
+
+
+@pytest.mark.parametrize(("shares", "weight"), [(2, 1), (1024, 39), (262144, 10000), (1, 1)])
+def test_cpu_shares_map_to_weight_as_runc_maps_them(shares: int, weight: int) -> None:
+    assert cpu_weight(shares) == weight
+
+
+@pytest.fixture
+def v1_cgroup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ContainerCgroup:
+    """A v1 ContainerCgroup over plain files in tmp_path."""
+    dirs = {c: str(tmp_path / c) for c in ("memory", "cpu", "pids")}
+    for directory in dirs.values():
+        os.mkdir(directory)
+    monkeypatch.setattr(Cgroup, "at", classmethod(lambda cls, path: Cgroup(1, dirs)))
+    return ContainerCgroup("/pod/c")
+
+
+def written(tmp_path: Path, name: str) -> str:
+    controller = name.split(".", 1)[0]
+    return (tmp_path / controller / name).read_text()
+
+
+@pytest.mark.parametrize(
+    ("current", "limit", "order"),
+    [
+        (32 << 20, 96 << 20, ["memory.memsw.limit_in_bytes", "memory.limit_in_bytes"]),
+        (96 << 20, 32 << 20, ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]),
+    ],
+)
+def test_v1_memory_and_swap_are_written_in_an_order_the_kernel_accepts(
+    tmp_path: Path,
+    v1_cgroup: ContainerCgroup,
+    monkeypatch: pytest.MonkeyPatch,
+    current: int,
+    limit: int,
+    order: list[str],
+) -> None:
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(str(current))
+    names: list[str] = []
+    write = ContainerCgroup._write
+
+    def recording(self: ContainerCgroup, controller: str, name: str, value: str) -> None:
+        names.append(name)
+        write(self, controller, name, value)
+
+    monkeypatch.setattr(ContainerCgroup, "_write", recording)
+
+    v1_cgroup.set_resources({"memory": {"limit": limit, "swap": limit}})
+
+    assert names == order
+    assert written(tmp_path, "memory.limit_in_bytes") == str(limit)
+
+
+def test_v1_cpu_shares_and_quota_are_written(tmp_path: Path, v1_cgroup: ContainerCgroup) -> None:
+    v1_cgroup.set_resources({"cpu": {"shares": 512, "quota": 50000, "period": 100000}})
+
+    assert written(tmp_path, "cpu.shares") == "512"
+    assert written(tmp_path, "cpu.cfs_quota_us") == "50000"
+    assert written(tmp_path, "cpu.cfs_period_us") == "100000"
