@@ -19,6 +19,8 @@ from cri_client import CriClient, Pod
 from harness import PrivateContainerd, wait_until
 from runsc_support import require_runsc
 
+pytestmark = pytest.mark.timeout(240)
+
 HANDLERS = ["pyrunc", "pyrunsc", "pywasm", "runc"]
 LINUX_HANDLERS = ["pyrunc", "pyrunsc", "runc"]
 RUNNING = api.ContainerState.CONTAINER_RUNNING
