@@ -75,13 +75,27 @@ def _inside(rootfs: str, path: str) -> str:
     return real
 
 
-def runner_request(process: Mapping[str, Any], rootfs: str, memory_limit: int | None) -> str:
+def _entrypoint(rootfs: str, cwd: str, name: str, env: Sequence[str]) -> str:
+    """args[0] as a host path. A path is relative to cwd; a bare name is looked for in cwd,
+    then on the process's PATH (as runwasi resolves it), so that `sh` is found to be no
+    module rather than missing."""
+    if "/" not in name:
+        path_dirs = next((e[5:].split(":") for e in env if e.startswith("PATH=")), [])
+        for directory in [cwd, *(d for d in path_dirs if d.startswith("/"))]:
+            found = _inside(rootfs, os.path.join(directory, name))
+            if os.path.isfile(found):
+                return found
+    return _inside(rootfs, os.path.join(cwd, name))
+
+
+def runner_request(process: Mapping[str, Any], rootfs: str) -> str:
     """The runner's REQUEST for an OCI Process: checks that args[0] is a wasm module."""
     args = [str(a) for a in process.get("args") or []]
     if not args:
         raise TtrpcError(Code.INVALID_ARGUMENT, "process.args is empty: no module to run")
     cwd = "/" + str(process.get("cwd") or "/").strip("/")
-    module = _inside(rootfs, os.path.join(cwd, args[0]))
+    env = [str(e) for e in process.get("env") or []]
+    module = _entrypoint(rootfs, cwd, args[0], env)
     try:
         with open(module, "rb") as f:
             magic = f.read(len(WASM_MAGIC))
@@ -100,8 +114,7 @@ def runner_request(process: Mapping[str, Any], rootfs: str, memory_limit: int | 
         "rootfs": rootfs,
         "cwd": None if cwd == "/" else _inside(rootfs, cwd),
         "args": args,
-        "env": [str(e) for e in process.get("env") or []],
-        "memory_limit": memory_limit,
+        "env": env,
         "cache_dir": os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR,
         "cache_max_bytes": CACHE_MAX_BYTES,
     }
@@ -181,10 +194,6 @@ class WasmContainer(Container):
     def _id(self) -> str:
         return self._config.id
 
-    def _memory_limit(self) -> int | None:
-        limit = self._spec.get("linux", {}).get("resources", {}).get("memory", {}).get("limit")
-        return int(limit) if limit is not None and int(limit) > 0 else None
-
     async def create(self) -> Launched | None:
         if self._config.checkpoint:
             raise NotImplementedError("restore of a wasm container")
@@ -192,7 +201,7 @@ class WasmContainer(Container):
         root = self._spec.get("root", {}).get("path") or "rootfs"
         self._rootfs = os.path.realpath(os.path.join(self._config.bundle, root))
         process = self._spec.get("process") or {}
-        request = runner_request(process, self._rootfs, self._memory_limit())
+        request = runner_request(process, self._rootfs)
         try:
             self._cgroup = ContainerCgroup(
                 cgroup_path(self._spec, self._context.namespace, self._id)
@@ -267,7 +276,7 @@ class WasmContainer(Container):
         return None
 
     async def exec(self, exec_id: str, process: Mapping[str, Any], stdio: ProcessStdio) -> Launched:
-        request = runner_request(process, self._rootfs, self._memory_limit())
+        request = runner_request(process, self._rootfs)
         launched, start = await self._launch(f"{self._id}/{exec_id}", request, stdio)
         with contextlib.suppress(BrokenPipeError):
             os.write(start, b"\1")

@@ -8,7 +8,9 @@ then it is in the container's cgroup and containerd has asked for Start. Its exi
 module's.
 
 REQUEST is JSON: module and rootfs (host paths), cwd (a host directory inside the rootfs, or
-null for "/"), args, env, memory_limit, cache_dir, cache_max_bytes. Reports are JSON lines
+null for "/"), args, env, cache_dir, cache_max_bytes. Memory is limited by the container's
+cgroup alone, as for a Linux container: Update changes it live, and a module past it is
+OOM-killed (the kubelet's OOMKilled) instead of seeing malloc fail. Reports are JSON lines
 on fd 3; the shim logs them.
 """
 
@@ -56,10 +58,6 @@ def run(request_json: str, label: str) -> int:
         )
         store = wasmtime.Store(engine)
         store.set_wasi(_wasi_config(wasmtime.WasiConfig(), request))
-        if request["memory_limit"] is not None:
-            # Growth past the limit fails inside the module (malloc returns NULL) rather than
-            # the cgroup's OOM killer ending the whole process.
-            store.set_limits(memory_size=request["memory_limit"])
         linker = wasmtime.Linker(engine)
         linker.define_wasi()
         instance = linker.instantiate(store, loaded.module)

@@ -98,13 +98,20 @@ def test_request_resolves_the_module_and_cwd_inside_the_rootfs(tmp_path: Path) -
     rootfs = rootfs_with(tmp_path, {"app/m.wasm": b"\0asm\1\0\0\0"})
     process = {"args": ["m.wasm", "x"], "cwd": "/app", "env": ["A=1"]}
 
-    request = json.loads(runner_request(process, rootfs, 1 << 20))
+    request = json.loads(runner_request(process, rootfs))
 
     assert request["module"] == os.path.join(rootfs, "app", "m.wasm")
     assert request["cwd"] == os.path.join(rootfs, "app")
-    assert (request["args"], request["env"], request["memory_limit"]) == (
-        ["m.wasm", "x"], ["A=1"], 1 << 20,
-    )  # fmt: skip
+    assert (request["args"], request["env"]) == (["m.wasm", "x"], ["A=1"])
+
+
+def test_a_bare_entrypoint_name_is_looked_for_on_path(tmp_path: Path) -> None:
+    rootfs = rootfs_with(tmp_path, {"opt/bin/m.wasm": b"\0asm\1\0\0\0"})
+    process = {"args": ["m.wasm"], "env": ["PATH=/usr/bin:/opt/bin"]}
+
+    request = json.loads(runner_request(process, rootfs))
+
+    assert request["module"] == os.path.join(rootfs, "opt", "bin", "m.wasm")
 
 
 @pytest.mark.parametrize(
@@ -112,6 +119,7 @@ def test_request_resolves_the_module_and_cwd_inside_the_rootfs(tmp_path: Path) -
     [
         ([], "process.args is empty"),
         (["/bin/sh"], "is not a WebAssembly module"),
+        (["sh"], "entrypoint sh is not a WebAssembly module"),  # found on PATH
         (["/missing.wasm"], "not in the image"),
         (["/../outside.wasm"], "outside the container's rootfs"),
         (["/link.wasm"], "outside the container's rootfs"),
@@ -125,7 +133,7 @@ def test_request_refuses_what_is_not_a_module_in_the_rootfs(
     os.symlink(tmp_path / "outside.wasm", os.path.join(rootfs, "link.wasm"))
 
     with pytest.raises(TtrpcError) as raised:
-        runner_request({"args": args}, rootfs, None)
+        runner_request({"args": args, "env": ["PATH=/usr/bin:/bin"]}, rootfs)
 
     assert raised.value.code == Code.INVALID_ARGUMENT
     assert message in str(raised.value)
