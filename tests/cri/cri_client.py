@@ -125,6 +125,11 @@ class CriClient:
             stdin=stdin,
             linux=cri.LinuxContainerConfig(
                 resources=cri.LinuxContainerResources(memory_limit_in_bytes=memory_limit),
+                # As the kubelet: the pod's namespace modes (unset, pid would be POD, i.e.
+                # shareProcessNamespace, where gVisor ties siblings to the first one's init).
+                security_context=cri.LinuxContainerSecurityContext(
+                    namespace_options=pod.config.linux.security_context.namespace_options
+                ),
             ),
         )
         request = cri.CreateContainerRequest(
