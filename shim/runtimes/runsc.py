@@ -8,8 +8,13 @@ What differs lives here:
   naming a ``runsc.toml`` whose ``[runsc_config]`` table holds runsc flags.
 * The init's pid is the sandbox process, which exits with the init's status (128 + signal for a
   signal death) once the init is gone; `runsc create` leaves it to us, the subreaper, so the
-  reaper learns that exit. (`runsc wait` is not used: with this runsc, the sandbox exits before
-  the wait's reply reaches it, and the status is lost.)
+  reaper learns that exit. (`runsc wait` is not used for it: with this runsc, the sandbox exits
+  before the wait's reply reaches it, and the status is lost.)
+* A Kubernetes pod is one sandbox: runsc makes the pause container (CRI annotation
+  ``container-type=sandbox``) the sandbox and every app container a sub-container of it. A
+  sub-container's pid is the sandbox's (what runsc's pid file holds), its stdio is handed over
+  at ``runsc start`` (not create), and its exit comes from ``runsc wait``, the sandbox living on;
+  if the sandbox dies, its sub-containers exit with the sandbox's status.
 * An exec's host pid is runsc's waiter, which does not forward signals: execs are signalled
   with ``runsc kill --pid <pid in the sandbox>``; ``runsc ps`` lists sandbox pids, which Pids
   maps back to the pids containerd knows.
@@ -19,11 +24,14 @@ What differs lives here:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import signal
+import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +44,8 @@ from shim.runtimes.base import (
     ProcessStdio,
     Runtime,
 )
+from shim.sys.reaper import Exit
+from shim.sys.spawn import CommandResult
 from shim.ttrpc.errors import Code, TtrpcError
 
 log = logging.getLogger(__name__)
@@ -44,6 +54,13 @@ OPTIONS_URL = "runtimeoptions.v1.Options"
 CONFIG_TYPE_URL = "io.containerd.runsc.v1.options"  # what gVisor's docs tell CRI users to set
 DEFAULT_ROOT = "/run/containerd/runsc"
 SANDBOX_INIT_PID = 1  # the init's pid inside its sandbox
+CONTAINER_TYPE = "io.kubernetes.cri.container-type"  # runsc reads these two, as CRI sets them
+SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+SANDBOX_EXIT_GRACE = 5.0  # how long a failed `runsc wait` waits for the sandbox's exit
+INTERNAL_ERROR_STATUS = 128  # a sub-container's status when runsc cannot tell it (as gVisor's shim)
+USAGE = b"Usage: runsc "  # what runsc prints for a command it does not have
+CANNOT = {"update": "change a running container's resources (its pod shares one sandbox)"}
+NO_STDIO = ProcessStdio(None, None, None, terminal=False)
 # Flags naming files runsc writes: gVisor's shim expands %ID% in them and makes their dirs.
 OUTPUT_PATH_FLAGS = ("debug-log", "panic-log", "pcap-log", "trace", "coverage-report")
 
@@ -114,6 +131,40 @@ def _has_network_namespace_path(spec: Mapping[str, Any]) -> bool:
     return any(ns.get("type") == "network" and ns.get("path") for ns in namespaces)
 
 
+def sandbox_of(container_id: str, spec: Mapping[str, Any]) -> str | None:
+    """The id of the sandbox a CRI app container joins as a sub-container; None for a
+    container that is (or has) its own sandbox."""
+    annotations = spec.get("annotations") or {}
+    sandbox_id = annotations.get(SANDBOX_ID)
+    if annotations.get(CONTAINER_TYPE) != "container" or not sandbox_id:
+        return None
+    return None if sandbox_id == container_id else str(sandbox_id)
+
+
+def wait_status(result: CommandResult) -> int | None:
+    """The exit status `runsc wait` printed, None if it could not wait."""
+    if result.status != 0:
+        return None
+    try:
+        status = json.loads(result.stdout)["exitStatus"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return status if isinstance(status, int) else None
+
+
+def _duplicate(stdio: ProcessStdio) -> ProcessStdio:
+    def dup(fd: int | None) -> int | None:
+        return None if fd is None else os.dup(fd)
+
+    return ProcessStdio(dup(stdio.stdin), dup(stdio.stdout), dup(stdio.stderr), stdio.terminal)
+
+
+def _close(stdio: ProcessStdio) -> None:
+    for fd in (stdio.stdin, stdio.stdout, stdio.stderr):
+        if fd is not None:
+            os.close(fd)
+
+
 def _make_output_dirs(flags: Mapping[str, str]) -> None:
     """runsc writes its logs but does not make their directories (a value ending in "/" is a
     directory runsc fills with one file per command)."""
@@ -121,6 +172,56 @@ def _make_output_dirs(flags: Mapping[str, str]) -> None:
         path = flags.get(name)
         if path:
             os.makedirs(path if path.endswith("/") else os.path.dirname(path), exist_ok=True)
+
+
+class _SubcontainerExit:
+    """A sub-container's exit: what `runsc wait` says, else the sandbox's, if it died."""
+
+    def __init__(self, pid: int, sandbox_exited: asyncio.Future[Exit]) -> None:
+        self.pid = pid
+        self.future: asyncio.Future[Exit] = asyncio.get_running_loop().create_future()
+        self._sandbox_exited = sandbox_exited
+        self._waiter: asyncio.Task[None] | None = None
+        sandbox_exited.add_done_callback(self._on_sandbox_exit)
+
+    def follow(
+        self, wait: Awaitable[CommandResult], kill_all: Callable[[], Awaitable[object]]
+    ) -> None:
+        """The container runs: take its exit from `wait` (a `runsc wait`)."""
+        self._waiter = asyncio.get_running_loop().create_task(self._wait(wait, kill_all))
+
+    def close(self) -> None:
+        """The container is deleted: whatever still waits for it learns it was killed."""
+        if self._waiter is not None:
+            self._waiter.cancel()
+        self._set(128 + signal.SIGKILL)
+
+    async def _wait(
+        self, wait: Awaitable[CommandResult], kill_all: Callable[[], Awaitable[object]]
+    ) -> None:
+        status = wait_status(await wait)
+        if status is None:  # runsc could not ask the sandbox: it died, with the container
+            status = await self._sandbox_status()
+            if status is None:
+                log.warning("runsc wait failed with the sandbox still running: killing")
+                await kill_all()
+                status = INTERNAL_ERROR_STATUS
+        self._set(status)
+
+    async def _sandbox_status(self) -> int | None:
+        await asyncio.wait([self._sandbox_exited], timeout=SANDBOX_EXIT_GRACE)
+        if not self._sandbox_exited.done() or self._sandbox_exited.cancelled():
+            return None
+        return self._sandbox_exited.result().status
+
+    def _on_sandbox_exit(self, sandbox_exited: asyncio.Future[Exit]) -> None:
+        # A started container's waiter sees the death too, and may yet get a real status.
+        if self._waiter is None and not sandbox_exited.cancelled():
+            self._set(sandbox_exited.result().status)
+
+    def _set(self, status: int) -> None:
+        if not self.future.done():
+            self.future.set_result(Exit(self.pid, status, time.time_ns()))
 
 
 @dataclass(frozen=True)
@@ -139,6 +240,62 @@ class RunscContainer(oci.OciCliContainer):
         super().__init__(runtime, config, options)
         self._execs: dict[str, _Exec] = {}
         self._paused = False
+        self._sandbox_id = sandbox_of(config.id, spec)
+        self._exit: _SubcontainerExit | None = None  # a sub-container's, once created
+        self._start_stdio: ProcessStdio | None = None  # kept from create to start
+
+    def _takes_stdio_at_start(self) -> bool:
+        # A sub-container's pty is made at create; its pipes are handed over at start.
+        return self._sandbox_id is not None and not self._config.stdio.terminal
+
+    def _create_stdio(self) -> ProcessStdio:
+        if self._takes_stdio_at_start():
+            return NO_STDIO
+        return super()._create_stdio()
+
+    async def create(self) -> Launched | None:
+        if self._takes_stdio_at_start():
+            # Our own copies: the service closes its runtime ends once create returns.
+            self._start_stdio = _duplicate(self._config.stdio)
+        launched = await super().create()
+        if launched is None or self._sandbox_id is None:
+            return launched
+        # launched: the sandbox's pid (runsc's pid file) and the sandbox's exit.
+        self._exit = _SubcontainerExit(launched.pid, launched.exited)
+        return Launched(launched.pid, self._exit.future, launched.console_master)
+
+    async def start(self) -> Launched | None:
+        if self._exit is None:
+            return await super().start()
+        try:
+            with oci.stdio_fds(self._start_stdio or NO_STDIO) as fds:
+                result = await self._cli("start", self._id, fds=fds)
+        finally:
+            self._close_start_stdio()
+        self._raise_if_failed("start", result)
+        self._exit.follow(
+            self._cli("wait", self._id), lambda: self._cli("kill", "--all", self._id, "9")
+        )
+        return None
+
+    async def delete(self, force: bool = False) -> None:
+        self._close_start_stdio()
+        if self._exit is not None:
+            self._exit.close()
+        await super().delete(force)
+
+    def _close_start_stdio(self) -> None:
+        if self._start_stdio is not None:
+            _close(self._start_stdio)
+            self._start_stdio = None
+
+    def _raise_if_failed(self, operation: str, result: CommandResult) -> None:
+        if result.status != 0 and result.stderr.startswith(USAGE):
+            binary = self.options.binary_name
+            what = CANNOT.get(operation, f"{operation} a container")
+            message = f"{binary} has no `{operation}` command: this gVisor cannot {what}"
+            raise TtrpcError(Code.UNIMPLEMENTED, message)
+        super()._raise_if_failed(operation, result)
 
     def _exec_flags(self, exec_id: str) -> list[str]:
         return ["--internal-pid-file", self._pid_file(f"{exec_id}-sandbox")]
