@@ -24,10 +24,9 @@ from harness import (
     unusable_reason,
     wait_until,
 )
+from runsc_support import RUNSC_ROOT
 from wasm_image import IMAGE as WASM_IMAGE
 from wasm_image import build_image, wasm_build_unusable_reason
-
-RUNSC_ROOT = Path("/run/containerd/runsc")
 
 
 @pytest.fixture(scope="session")

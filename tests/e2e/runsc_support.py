@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 CTR_DEFAULT_FIFO_DIR = Path("/run/containerd/fifo")  # where ctr puts FIFOs without --fifo-dir
+RUNSC_ROOT = Path("/run/containerd/runsc")  # pyrunsc's runsc --root (then the namespace)
 
 
 @functools.cache
