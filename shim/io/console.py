@@ -1,4 +1,5 @@
-"""The console socket given to `runc --console-socket` (PROTOCOL.md H.4).
+"""The console socket given to `runc --console-socket` (PROTOCOL.md H.4), and what is done
+with the pty master it brings.
 
 runc connects once and sends the pty master as one SCM_RIGHTS fd (the message data is the
 terminal's name, which we do not need).
@@ -7,10 +8,16 @@ terminal's name, which we do not need).
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import logging
 import os
 import shutil
 import socket
+import struct
 import tempfile
+import termios
+
+log = logging.getLogger(__name__)
 
 _NAME_MAX = 4096
 
@@ -83,3 +90,23 @@ async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         await ready
     finally:
         loop.remove_reader(fd)
+
+
+def set_window_size(master: int, width: int, height: int) -> None:
+    """TIOCSWINSZ: `width` columns, `height` rows."""
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+
+def type_eof(master: int, process_id: str) -> bool:
+    """Types the terminal's EOF character, as a user pressing ^D would, so that a reading
+    process (`cat`) sees EOF and its output still flows; twice, since with a partial line
+    pending the first only delivers that line. False when the terminal has no EOF (raw mode)
+    or cannot take it: then the caller hangs the terminal up."""
+    try:
+        attributes = termios.tcgetattr(master)
+        if attributes[3] & termios.ICANON:
+            os.write(master, attributes[6][termios.VEOF] * 2)
+            return True
+    except (OSError, termios.error) as e:  # the slave is gone, or the input queue is full
+        log.debug("%s: cannot type EOF on the console (%s)", process_id, e)
+    return False

@@ -9,14 +9,12 @@ binary. With a terminal the runtime gets no stdio; the pty master arrives later
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import select
-import struct
-import termios
 from dataclasses import dataclass
 
+from shim.io.console import set_window_size, type_eof
 from shim.io.fifo import PIPE_SIZE, is_fifo, make_pipe, open_input_fifo, open_output_fifo
 from shim.io.logger import LoggingBinary
 from shim.io.pump import Copy, FileCopy, Pump, Splice, Transfer
@@ -298,18 +296,9 @@ class ProcessIO:
             self._end_console_input(self._console)
 
     def _end_console_input(self, console: int) -> None:
-        """Types the terminal's EOF character, as a user pressing ^D would, so that a reading
-        process (`cat`) sees EOF and its output still flows; twice, since with a partial line
-        pending the first only delivers that line. A terminal in raw mode has no EOF: like the
-        Go shim, hang it up."""
-        try:
-            attributes = termios.tcgetattr(console)
-            if attributes[3] & termios.ICANON:
-                os.write(console, attributes[6][termios.VEOF] * 2)
-                return
-        except (OSError, termios.error) as e:  # the slave is gone, or the input queue is full
-            log.debug("%s: cannot type EOF on the console (%s)", self._process_id, e)
-        self._close_console()
+        # A terminal in raw mode has no EOF: like the Go shim, hang it up.
+        if not type_eof(console, self._process_id):
+            self._close_console()
 
     def _close_console(self) -> None:
         for pump in self._pumps:
@@ -326,8 +315,7 @@ class ProcessIO:
 
     def resize(self, width: int, height: int) -> None:
         if self._console is not None:
-            size = struct.pack("HHHH", height, width, 0, 0)
-            fcntl.ioctl(self._console, termios.TIOCSWINSZ, size)
+            set_window_size(self._console, width, height)
 
     def close_stdin(self) -> None:
         """CloseIO: drops our writer on the stdin FIFO; the container reads EOF once the
