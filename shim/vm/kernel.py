@@ -1,0 +1,92 @@
+"""The Debian kernel unpacked by scripts/fetch-kernel, and its modules in load order.
+
+The unpacked package has no modules.dep (depmod runs at install), so dependencies come from
+each module's own .modinfo section ("depends=a,b"), as depmod reads them.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+_ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
+_ELF64_SECTION = struct.Struct("<IIQQQQIIQQ")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    vmlinuz: Path
+    modules_dir: Path  # lib/modules/<release>
+
+    def module_index(self) -> dict[str, Path]:
+        """Module name (dashes as underscores, as the kernel names them) -> its .ko file."""
+        return {
+            module_name(path.name): path
+            for path in sorted((self.modules_dir / "kernel").rglob("*.ko"))
+        }
+
+    def builtin_modules(self) -> set[str]:
+        builtin = self.modules_dir / "modules.builtin"
+        return {module_name(Path(line).name) for line in builtin.read_text().split()}
+
+    def modules_in_load_order(self, names: Iterable[str]) -> list[Path]:
+        """The .ko files of `names` and of everything they depend on, dependencies first;
+        built-in modules are left out. KeyError for a module this kernel does not have."""
+        index, builtin = self.module_index(), self.builtin_modules()
+        ordered: list[Path] = []
+
+        def visit(name: str) -> None:
+            name = module_name(name)
+            if name in builtin or index.get(name) in ordered:
+                return
+            path = index[name]
+            for dependency in modinfo(path.read_bytes()).get("depends", []):
+                visit(dependency)
+            ordered.append(path)
+
+        for name in names:
+            visit(name)
+        return ordered
+
+
+def find_kernel(root: Path) -> Kernel:
+    """The newest kernel unpacked under `root` (<repo>/var/kernel); FileNotFoundError if none."""
+    for vmlinuz in sorted((root / "boot").glob("vmlinuz-*"), reverse=True):
+        release = vmlinuz.name.removeprefix("vmlinuz-")
+        modules_dir = root / "lib" / "modules" / release
+        if modules_dir.is_dir():
+            return Kernel(vmlinuz, modules_dir)
+    raise FileNotFoundError(f"no kernel unpacked under {root}; run scripts/fetch-kernel")
+
+
+def module_name(file_name: str) -> str:
+    return file_name.removesuffix(".ko").replace("-", "_")
+
+
+def modinfo(elf: bytes) -> dict[str, list[str]]:
+    """The key=value strings of a module's .modinfo section (keys may repeat)."""
+    header = _ELF64_HEADER.unpack_from(elf)
+    if header[0][:5] != b"\x7fELF\x02":
+        raise ValueError("not a 64-bit ELF file")
+    section_offset, section_size, section_count, names_index = (
+        header[6], header[11], header[12], header[13]
+    )  # fmt: skip
+    sections = [
+        _ELF64_SECTION.unpack_from(elf, section_offset + i * section_size)
+        for i in range(section_count)
+    ]
+    names = sections[names_index]
+    info: dict[str, list[str]] = {}
+    for section in sections:
+        name_start = names[4] + section[0]
+        name = elf[name_start : elf.index(b"\0", name_start)]
+        if name != b".modinfo":
+            continue
+        body = elf[section[4] : section[4] + section[5]]
+        for entry in filter(None, body.split(b"\0")):
+            key, _, value = entry.decode().partition("=")
+            values = value.split(",") if key == "depends" else [value]
+            info.setdefault(key, []).extend(filter(None, values))
+    return info

@@ -1,0 +1,118 @@
+"""The QEMU command line, as a pure function of a small config, and a launcher that owns the
+QEMU process: started in its own session, killed by pid on every exit path.
+
+The launcher uses subprocess: it is for scripts and the accelerator probe. The shim daemon
+starts QEMU through shim.sys.spawn with the same command line (one reaper).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Accel = Literal["kvm", "tcg"]
+QEMU_BINARY = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory exported to the guest by 9p under a mount tag."""
+
+    tag: str
+    host_path: Path
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class SerialPort:
+    """A virtio-serial port (the guest's /dev/vport*, named `name`) on a unix socket QEMU
+    listens on."""
+
+    name: str
+    socket: Path
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    kernel: Path
+    initrd: Path
+    append: str  # the kernel command line
+    console_log: Path  # the serial console (ttyS0) goes to this file
+    accel: Accel = "tcg"
+    memory_mb: int = 1024
+    vcpus: int = 1
+    shares: Sequence[Share] = ()
+    serial_ports: Sequence[SerialPort] = ()
+
+
+def command_line(config: VmConfig, binary: str = QEMU_BINARY) -> list[str]:
+    argv = [binary, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]
+    if config.accel == "kvm":
+        # The host CPU minus what this machine's KVM rejects ("failed to set MSR 0x10a").
+        argv += ["-accel", "kvm", "-cpu", "host,-arch-capabilities"]
+    else:
+        argv += ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    argv += ["-machine", "q35", "-m", f"{config.memory_mb}M", "-smp", str(config.vcpus)]
+    argv += ["-kernel", str(config.kernel), "-initrd", str(config.initrd)]
+    argv += ["-append", config.append, "-nic", "none"]
+    argv += ["-serial", f"file:{config.console_log}", "-monitor", "none"]
+    argv += ["-device", "virtio-rng-pci"]  # entropy: Python's start blocks on it otherwise
+    for index, share in enumerate(config.shares):
+        fsdev = f"fsdev{index}"
+        options = f"local,id={fsdev},path={share.host_path},security_model=none,multidevs=remap"
+        argv += ["-fsdev", options + (",readonly=on" if share.readonly else "")]
+        argv += ["-device", f"virtio-9p-pci,fsdev={fsdev},mount_tag={share.tag}"]
+    if config.serial_ports:
+        argv += ["-device", "virtio-serial-pci"]
+    for index, port in enumerate(config.serial_ports):
+        chardev = f"port{index}"
+        argv += ["-chardev", f"socket,id={chardev},path={port.socket},server=on,wait=off"]
+        argv += ["-device", f"virtserialport,chardev={chardev},name={port.name}"]
+    return argv
+
+
+class Qemu:
+    """A running QEMU; use as a context manager so that it is killed however the block ends."""
+
+    def __init__(self, config: VmConfig, log: Path, binary: str = QEMU_BINARY) -> None:
+        """Start QEMU; its own stdout and stderr go to `log`."""
+        with log.open("ab") as out:
+            self._process = subprocess.Popen(
+                command_line(config, binary),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,  # a ^C of the caller reaches us, not QEMU
+            )
+        self.pid = self._process.pid
+
+    def __enter__(self) -> Qemu:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
+
+    def wait(self, timeout: float) -> int | None:
+        """QEMU's exit status, or None if it still runs after `timeout` seconds."""
+        try:
+            return self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL QEMU (a hung guest ignores anything gentler) and reap it."""
+        if self._process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        self._process.wait()
+
+
+def kernel_append(*extra: str) -> str:
+    """Kernel arguments for a headless guest: console on ttyS0, panic = power off at once."""
+    return " ".join(["console=ttyS0", "panic=-1", "quiet", "loglevel=3", *extra])
