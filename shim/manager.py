@@ -178,23 +178,42 @@ def _shim_socket(bundle: str) -> str | None:
         return None
 
 
-def _remove_dead_socket(bundle: str) -> None:
+def _remove_dead_socket(bundle: str) -> bool:
+    """Whether the shim `start` recorded in the bundle is dead; if so its socket file (a
+    SIGKILL leaves it) is removed."""
     path = _shim_socket(bundle)
-    if path is None:
-        return
-    if path.startswith(SOCKET_DIR + "/") and not _is_alive(path):
+    if path is None or _is_alive(path):
+        return False
+    if path.startswith(SOCKET_DIR + "/"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+    return True
+
+
+def _group_members(bundle: str, task_id: str) -> list[tuple[str, str]]:
+    """(id, bundle) of the other tasks of this task's group: the bundles beside it (containerd
+    keeps a namespace's bundles in one directory, named by task id) of the same group."""
+    group = grouping_id(bundle, task_id)
+    members = []
+    with contextlib.suppress(OSError), os.scandir(os.path.dirname(bundle)) as entries:
+        for entry in entries:
+            if entry.name != task_id and grouping_id(entry.path, entry.name) == group:
+                members.append((entry.name, entry.path))
+    return members
 
 
 def delete(flags: Flags, binary: str) -> int:
     """Clean up after a dead shim. Prints only the DeleteResponse; safe to run twice."""
     from shim.runtimes.registry import find_runtime, runtime_name_from_binary
 
-    bundle = flags.bundle or os.getcwd()
+    bundle = os.path.abspath(flags.bundle or os.getcwd())
     runtime = find_runtime(runtime_name_from_binary(binary))
     pid = runtime.cleanup(flags.namespace, bundle, flags.id)
-    _remove_dead_socket(bundle)
+    if _remove_dead_socket(bundle):
+        # containerd 2.x runs `delete` only for the task that started a group's shim (the
+        # others reused its bootstrap): every other task that shim served is orphaned too.
+        for member_id, member_bundle in _group_members(bundle, flags.id):
+            runtime.cleanup(flags.namespace, member_bundle, member_id)
 
     from google.protobuf.timestamp_pb2 import Timestamp
 

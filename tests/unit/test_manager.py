@@ -16,7 +16,7 @@ from google.protobuf.empty_pb2 import Empty
 
 from shim.api.task.v2 import shim_pb2 as api
 from shim.main import parse_flags
-from shim.manager import SOCKET_DIR, grouping_id, socket_path
+from shim.manager import SOCKET_DIR, _group_members, grouping_id, socket_path
 from shim.ttrpc.client import Client
 
 SHIM = str(Path(sys.executable).with_name("containerd-shim-pyrunc-v1"))
@@ -65,6 +65,24 @@ def test_grouping_id_follows_the_annotations(tmp_path: Path) -> None:
     spec["annotations"]["io.containerd.runc.v2.group"] = "group"
     (tmp_path / "config.json").write_text(json.dumps(spec))
     assert grouping_id(str(tmp_path), "t1") == "group"
+
+
+def test_group_members_are_the_bundles_beside_of_the_same_group(tmp_path: Path) -> None:
+    def bundle(task_id: str, pod: str | None) -> str:
+        (tmp_path / task_id).mkdir()
+        annotations = {"io.kubernetes.cri.sandbox-id": pod} if pod else {}
+        (tmp_path / task_id / "config.json").write_text(json.dumps({"annotations": annotations}))
+        return str(tmp_path / task_id)
+
+    pod = bundle("pod", "pod")
+    app = bundle("app", "pod")
+    bundle("other-pod", "other-pod")
+    bundle("other-app", "other-pod")
+    plain = bundle("plain", None)
+
+    assert _group_members(pod, "pod") == [("app", app)]
+    assert _group_members(app, "app") == [("pod", pod)]
+    assert _group_members(plain, "plain") == []
 
 
 def run_shim(bundle: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
