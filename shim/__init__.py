@@ -1,0 +1,3 @@
+"""pyshim: containerd runtime-v2 shims in Python."""
+
+VERSION = "0.1.0"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from shim.main import Flags
+from shim.flags import Flags
 from shim.sys.gobuildinfo import go_module_info
 
 TASK_API_V2 = 2

@@ -18,7 +18,7 @@ import time
 
 from shim.api.task.v2 import shim_pb2 as task_v2
 from shim.api.task.v3 import shim_pb2 as task_v3
-from shim.main import Flags
+from shim.flags import Flags
 from shim.manager import bind_socket
 from shim.runtimes.base import ShimContext
 from shim.runtimes.registry import find_runtime, runtime_name_from_binary, runtime_type

@@ -10,8 +10,8 @@ import logging
 from google.protobuf.any_pb2 import Any
 from google.protobuf.message import DecodeError
 
+from shim import VERSION
 from shim.api.types.introspection_pb2 import RuntimeInfo, RuntimeVersion
-from shim.main import VERSION
 from shim.runtimes.registry import find_runtime, runtime_name_from_binary, runtime_type
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from shim.bootstrap import answer, read_request
-from shim.main import Flags
+from shim.flags import Flags
 from shim.relay import SOCKET_DIR
 
 GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")

@@ -21,6 +21,7 @@ import _socket
 import marshal
 import os
 import sys
+from collections.abc import Callable
 
 try:
     from _sha256 import sha256  # type: ignore[import-not-found]  # no stub; hashlib costs 4 ms
@@ -62,9 +63,9 @@ def decode_request(data: bytes) -> tuple[list[str], str, dict[str, str]]:
     return argv, cwd, env
 
 
-def relay(argv: list[str], containerd_address: str) -> int | None:
+def relay(argv: list[str], containerd_address: str, spawn: Callable[[str], object]) -> int | None:
     """The exit code of the command done by the template, or None when no template could take
-    it (the caller then does it here)."""
+    it (the caller then does it here). ``spawn(path)`` starts a template listening at path."""
     try:
         path = template_path(containerd_address, argv[0])
     except OSError:  # not run by its path: no template to find
@@ -78,9 +79,7 @@ def relay(argv: list[str], containerd_address: str) -> int | None:
             try:
                 conn.connect(path)
             except (FileNotFoundError, ConnectionRefusedError):
-                from shim.template import spawn_template
-
-                spawn_template(path, argv[0], containerd_address)
+                spawn(path)
                 continue
             conn.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, descriptors)])
             if not conn.recv(MESSAGE_MAX):

@@ -25,7 +25,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from shim.main import Flags, parse_flags
+from shim.flags import Flags, parse_flags
 from shim.manager import bind_socket, delete, detach, null_stdio, start
 from shim.relay import MESSAGE_MAX, REPLY_TIMEOUT, STDIO, decode_request
 from shim.sys.cmdline import set_cmdline, set_comm

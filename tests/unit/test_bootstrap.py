@@ -24,7 +24,7 @@ from shim.api.runtime.bootstrap.v1 import bootstrap_pb2 as bootstrap
 from shim.api.task.v2 import shim_pb2 as api
 from shim.api.types.introspection_pb2 import RuntimeInfo
 from shim.bootstrap import StartRequest, answer, containerd_is_v2, read_request
-from shim.main import Flags
+from shim.flags import Flags
 from shim.manager import SOCKET_DIR, socket_path
 from shim.sys.gobuildinfo import MAGIC, go_module_info
 from shim.ttrpc.client import Client

@@ -15,7 +15,7 @@ import pytest
 from google.protobuf.empty_pb2 import Empty
 
 from shim.api.task.v2 import shim_pb2 as api
-from shim.main import parse_flags
+from shim.flags import parse_flags
 from shim.manager import SOCKET_DIR, _group_members, grouping_id, socket_path
 from shim.ttrpc.client import Client
 

@@ -149,7 +149,7 @@ def test_template_survives_malformed_requests(tmp_path: Path) -> None:
 
 def test_relay_declines_when_the_program_is_not_run_by_its_path() -> None:
     # No template can be keyed for it: main() then does the command in its own process.
-    assert relay(["no-such-shim-program", "-id", "x", "delete"], "/unused.sock") is None
+    assert relay(["no-such-shim-program", "-id", "x", "delete"], "/unused.sock", print) is None
 
 
 @pytest.mark.timeout(60)
