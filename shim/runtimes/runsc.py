@@ -174,7 +174,7 @@ def _make_output_dirs(flags: Mapping[str, str]) -> None:
             os.makedirs(path if path.endswith("/") else os.path.dirname(path), exist_ok=True)
 
 
-class _SubcontainerExit:
+class SubcontainerExit:
     """A sub-container's exit: what `runsc wait` says, else the sandbox's, if it died."""
 
     def __init__(self, pid: int, sandbox_exited: asyncio.Future[Exit]) -> None:
@@ -241,7 +241,7 @@ class RunscContainer(oci.OciCliContainer):
         self._execs: dict[str, _Exec] = {}
         self._paused = False
         self._sandbox_id = sandbox_of(config.id, spec)
-        self._exit: _SubcontainerExit | None = None  # a sub-container's, once created
+        self._exit: SubcontainerExit | None = None  # a sub-container's, once created
         self._start_stdio: ProcessStdio | None = None  # kept from create to start
 
     def _takes_stdio_at_start(self) -> bool:
@@ -261,7 +261,7 @@ class RunscContainer(oci.OciCliContainer):
         if launched is None or self._sandbox_id is None:
             return launched
         # launched: the sandbox's pid (runsc's pid file) and the sandbox's exit.
-        self._exit = _SubcontainerExit(launched.pid, launched.exited)
+        self._exit = SubcontainerExit(launched.pid, launched.exited)
         return Launched(launched.pid, self._exit.future, launched.console_master)
 
     async def start(self) -> Launched | None:

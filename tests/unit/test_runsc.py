@@ -1,8 +1,9 @@
-"""The runsc backend's pure parts: runsc.toml through runtime options, stats conversion, and
-the OCI-CLI error reader it shares with runc."""
+"""The runsc backend's pure parts: runsc.toml through runtime options, stats conversion, the
+OCI-CLI error reader it shares with runc, and how a pod's sub-container learns its exit."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,20 @@ from google.protobuf.any_pb2 import Any
 from shim.api.cgroups.v1 import metrics_pb2 as v1
 from shim.api.cgroups.v2 import metrics_pb2 as v2
 from shim.api.runtimeoptions.v1.api_pb2 import Options
+from shim.runtimes import runsc
 from shim.runtimes.oci import last_runtime_error
-from shim.runtimes.runsc import RunscOptions, metrics_from_runsc
+from shim.runtimes.runsc import (
+    CONTAINER_TYPE,
+    INTERNAL_ERROR_STATUS,
+    SANDBOX_ID,
+    RunscOptions,
+    SubcontainerExit,
+    metrics_from_runsc,
+    sandbox_of,
+    wait_status,
+)
+from shim.sys.reaper import Exit
+from shim.sys.spawn import CommandResult
 from shim.ttrpc.errors import Code, TtrpcError
 
 NO_NETNS_SPEC = {"linux": {"namespaces": [{"type": "pid"}, {"type": "network"}]}}
@@ -121,3 +134,86 @@ def test_runtime_error_from_back_to_back_json_log(tmp_path: Path) -> None:
     )
 
     assert last_runtime_error(str(tmp_path)) == "last one"
+
+
+SANDBOX_SPEC = {"annotations": {CONTAINER_TYPE: "sandbox", SANDBOX_ID: "pod"}}
+APP_SPEC = {"annotations": {CONTAINER_TYPE: "container", SANDBOX_ID: "pod"}}
+
+
+def test_only_a_cri_app_container_is_a_sub_container() -> None:
+    assert sandbox_of("app", APP_SPEC) == "pod"
+    assert sandbox_of("pod", SANDBOX_SPEC) is None
+    assert sandbox_of("pod", APP_SPEC) is None  # names itself: its own sandbox
+    assert sandbox_of("c1", {}) is None
+
+
+def result(status: int, stdout: bytes = b"") -> CommandResult:
+    return CommandResult(status, stdout, b"")
+
+
+def test_wait_status_is_what_runsc_wait_printed() -> None:
+    assert wait_status(result(0, b'{"id":"app","exitStatus":7}\n')) == 7
+    assert wait_status(result(128)) is None  # could not reach the sandbox
+    assert wait_status(result(0, b"garbage")) is None
+
+
+SANDBOX_PID = 4242
+
+
+async def _exit_of(wait: CommandResult | None, sandbox_status: int | None = None) -> Exit:
+    """A sub-container's exit when `runsc wait` gives `wait` (None: never started) and the
+    sandbox exits with `sandbox_status` (None: keeps running)."""
+    loop = asyncio.get_running_loop()
+    sandbox: asyncio.Future[Exit] = loop.create_future()
+    exit = SubcontainerExit(SANDBOX_PID, sandbox)
+    if wait is not None:
+        waited: asyncio.Future[CommandResult] = loop.create_future()
+        waited.set_result(wait)
+        exit.follow(waited, _record_kill)
+    if sandbox_status is not None:
+        sandbox.set_result(Exit(SANDBOX_PID, sandbox_status, 1))
+    return await asyncio.wait_for(exit.future, 5)
+
+
+KILLS: list[str] = []
+
+
+async def _record_kill() -> None:
+    KILLS.append("kill --all 9")
+
+
+def test_a_sub_container_exit_is_runsc_waits_with_the_sandbox_pid() -> None:
+    exit = asyncio.run(_exit_of(result(0, b'{"exitStatus":3}')))
+
+    assert (exit.pid, exit.status) == (SANDBOX_PID, 3)
+
+
+def test_a_dead_sandbox_gives_its_status_to_its_sub_containers() -> None:
+    assert asyncio.run(_exit_of(result(128), sandbox_status=137)).status == 137
+    assert asyncio.run(_exit_of(None, sandbox_status=137)).status == 137  # never started
+
+
+def test_a_failed_wait_with_the_sandbox_alive_kills_the_container(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runsc, "SANDBOX_EXIT_GRACE", 0.01)
+    KILLS.clear()
+
+    exit = asyncio.run(_exit_of(result(128)))
+
+    assert (exit.status, KILLS) == (INTERNAL_ERROR_STATUS, ["kill --all 9"])
+
+
+def test_closing_a_sub_container_ends_its_wait_as_killed() -> None:
+    async def scenario() -> tuple[Exit, bool]:
+        sandbox: asyncio.Future[Exit] = asyncio.get_running_loop().create_future()
+        exit = SubcontainerExit(SANDBOX_PID, sandbox)
+        never: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
+        exit.follow(never, _record_kill)
+        await asyncio.sleep(0)
+        exit.close()
+        await asyncio.sleep(0)
+        return exit.future.result(), never.cancelled()
+
+    final, wait_cancelled = asyncio.run(scenario())
+    assert final.status == 137 and wait_cancelled
