@@ -19,6 +19,11 @@ What differs lives here:
   with ``runsc kill --pid <pid in the sandbox>``; ``runsc ps`` lists sandbox pids, which Pids
   maps back to the pids containerd knows.
 * Stats come from ``runsc events --stats`` (the sandbox's own accounting).
+* Memory limits and OOM: only the sandbox has a host cgroup (the pause container's), watched
+  for every container of the pod, so an OOM kill of the sandbox is each one's TaskOOM. A
+  sub-container's own memory limit is enforced by nobody (the sentry's memory cgroup limit is
+  a stub), so it is never OOMKilled alone. Update is ``runsc update`` where runsc has it (newer
+  gVisor); this runsc has none, which Update reports as Unimplemented.
 * Checkpoint always stops the container: this runsc's ``--leave-running`` never returns.
 """
 
