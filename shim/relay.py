@@ -5,20 +5,13 @@ shim's connection closes). A fresh CPython that imports what they need takes ~50
 ~10 ms. So this module uses only interpreter built-ins: it sends the template (shim.template)
 our argv, working directory, environment and stdio descriptors; a child the template forks does
 the command against our stdio (and, after ``start``, stays on as the shim daemon); we exit with
-its code.
-
-Protocol on the template's SOCK_SEQPACKET socket, each message marshalled:
-    request  (argv, cwd, env) + SCM_RIGHTS [stdin, stdout, stderr]
-    ack      the template's pid, once it has taken the request
-    result   the exit code of the child that did the command
-An ack that never comes means the template exited without taking the request (nothing was
-done: asking again is safe); a result that never comes means the child died.
+its code. The native launcher (shim/native/launcher.c) is the same client in C; both speak the
+protocol in docs/ARCHITECTURE.md, which the encoders and decoders below implement.
 """
 
 from __future__ import annotations
 
 import _socket
-import marshal
 import os
 import sys
 from collections.abc import Callable
@@ -35,6 +28,8 @@ ATTEMPTS = 3
 # `runc delete` stays below containerd's own timeouts for these commands.
 REPLY_TIMEOUT = 60.0
 STDIO = (0, 1, 2)
+WORD = 4  # counts and replies: 32-bit integers in the host's byte order (one host, one socket)
+EXIT_MAX = 255
 
 
 def template_path(containerd_address: str, program: str) -> str:
@@ -42,25 +37,49 @@ def template_path(containerd_address: str, program: str) -> str:
     file) gets a new template, so new containers run the new code."""
     program = os.path.realpath(program)
     installed = os.stat(program).st_mtime_ns
-    key = sha256(f"{containerd_address}\0{program}\0{installed}".encode()).hexdigest()
-    return os.path.join(SOCKET_DIR, f"pyshim-template-{key[:32]}")
+    key = sha256(
+        b"\0".join([os.fsencode(containerd_address), os.fsencode(program), b"%d" % installed])
+    )
+    return os.path.join(SOCKET_DIR, f"pyshim-template-{key.hexdigest()[:32]}")
+
+
+def _word(value: int) -> bytes:
+    return value.to_bytes(WORD, sys.byteorder, signed=True)
 
 
 def encode_request(argv: list[str], cwd: str, env: dict[str, str]) -> bytes:
-    return marshal.dumps((argv, cwd, env))
+    """argc, envc, then argv, cwd and each NAME=VALUE, every string ended by a NUL."""
+    strings = [*argv, cwd, *(f"{name}={value}" for name, value in env.items())]
+    return b"".join([_word(len(argv)), _word(len(env)), *(os.fsencode(s) + b"\0" for s in strings)])
 
 
 def decode_request(data: bytes) -> tuple[list[str], str, dict[str, str]]:
-    argv, cwd, env = marshal.loads(data)
-    if not (
-        isinstance(argv, list)
-        and argv
-        and all(isinstance(arg, str) for arg in argv)
-        and isinstance(cwd, str)
-        and isinstance(env, dict)
-    ):
+    argc = int.from_bytes(data[:WORD], sys.byteorder, signed=True)
+    envc = int.from_bytes(data[WORD : 2 * WORD], sys.byteorder, signed=True)
+    strings = data[2 * WORD :].split(b"\0")
+    if len(data) < 2 * WORD or argc < 1 or envc < 0 or len(strings) != argc + envc + 2:
         raise ValueError("malformed template request")
-    return argv, cwd, env
+    if strings.pop():
+        raise ValueError("malformed template request: the last string has no NUL")
+    argv = [os.fsdecode(s) for s in strings[:argc]]
+    env: dict[str, str] = {}
+    for entry in strings[argc + 1 :]:
+        name, has_value, value = os.fsdecode(entry).partition("=")
+        if has_value:  # as os.environ reads its own: entries with no "=" are skipped,
+            env.setdefault(name, value)  # and the first of a repeated name wins
+    return argv, os.fsdecode(strings[argc]), env
+
+
+def encode_reply(value: int) -> bytes:
+    return _word(value)
+
+
+def decode_reply(data: bytes, maximum: int) -> int:
+    """The ack (the template's pid) or the result (an exit code, at most EXIT_MAX)."""
+    value = int.from_bytes(data, sys.byteorder, signed=True)
+    if len(data) != WORD or not 0 <= value <= maximum:
+        raise ValueError(f"malformed reply from the shim template: {data[:16]!r}")
+    return value
 
 
 def relay(argv: list[str], containerd_address: str, spawn: Callable[[str], object]) -> int | None:
@@ -71,7 +90,10 @@ def relay(argv: list[str], containerd_address: str, spawn: Callable[[str], objec
     except OSError:  # not run by its path: no template to find
         return None
     request = encode_request(argv, os.getcwd(), dict(os.environ))
+    if len(request) > MESSAGE_MAX:
+        return None
     descriptors = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in STDIO)
+    program = os.path.basename(argv[0])
     for _ in range(ATTEMPTS):
         conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         try:
@@ -82,9 +104,10 @@ def relay(argv: list[str], containerd_address: str, spawn: Callable[[str], objec
                 spawn(path)
                 continue
             conn.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, descriptors)])
-            if not conn.recv(MESSAGE_MAX):
+            ack = conn.recv(MESSAGE_MAX)
+            if not ack:
                 continue  # the template exited (idle) before taking it
-            return _result(conn, os.path.basename(argv[0]))
+            return _result(conn, ack, program)
         except OSError:
             return None
         finally:
@@ -92,16 +115,14 @@ def relay(argv: list[str], containerd_address: str, spawn: Callable[[str], objec
     return None
 
 
-def _result(conn: _socket.socket, program: str) -> int:
+def _result(conn: _socket.socket, ack: bytes, program: str) -> int:
     """Once the template took the request, the command is done there or not at all."""
     try:
+        decode_reply(ack, 2**31 - 1)
         result = conn.recv(MESSAGE_MAX)
-    except OSError as exc:
-        result = b""
-        reason = str(exc)
-    else:
-        reason = "the shim template's worker died"
-    if not result:
-        print(f"{program}: {reason}", file=sys.stderr)
+        if not result:
+            raise ValueError("the shim template's worker died")
+        return decode_reply(result, EXIT_MAX)
+    except (OSError, ValueError) as exc:
+        print(f"{program}: {exc}", file=sys.stderr)
         return 1
-    return int(marshal.loads(result))

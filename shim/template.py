@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
-import marshal
 import os
 import socket
 import time
@@ -27,7 +26,7 @@ from collections.abc import Callable
 
 from shim.flags import Flags, parse_flags
 from shim.manager import bind_socket, delete, detach, null_stdio, start
-from shim.relay import MESSAGE_MAX, REPLY_TIMEOUT, STDIO, decode_request
+from shim.relay import MESSAGE_MAX, REPLY_TIMEOUT, STDIO, decode_request, encode_reply
 from shim.sys.cmdline import set_cmdline, set_comm
 from shim.sys.fds import close_all_except
 
@@ -127,9 +126,9 @@ def _fork_child(conn: socket.socket, listener: socket.socket) -> int:
         if len(fds) != len(STDIO):
             raise ValueError("stdio descriptors missing")
         argv, cwd, env = decode_request(data)
-        conn.send(marshal.dumps(os.getpid()))  # the ack: from here the command is ours to do
+        conn.send(encode_reply(os.getpid()))  # the ack: from here the command is ours to do
         pid = os.fork()
-    except (OSError, ValueError, EOFError, TypeError):
+    except (OSError, ValueError):
         pid = -1  # a broken requester: it reads no ack, or no result
     if pid:
         for fd in fds:
@@ -148,13 +147,13 @@ def _fork_child(conn: socket.socket, listener: socket.socket) -> int:
 
         def reply(result: int) -> None:
             with conn:
-                conn.send(marshal.dumps(result))
+                conn.send(encode_reply(result))
 
         code = _run(argv, reply)
     except BaseException:
         traceback.print_exc()  # to the requester's stderr, which containerd reports
         with contextlib.suppress(OSError):
-            conn.send(marshal.dumps(code))
+            conn.send(encode_reply(code))
     finally:
         os._exit(code)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import marshal
 import os
 import signal
 import socket
@@ -16,9 +15,19 @@ from pathlib import Path
 
 import pytest
 from google.protobuf.empty_pb2 import Empty
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shim.api.task.v2 import shim_pb2 as api
-from shim.relay import SOCKET_DIR, decode_request, encode_request, relay, template_path
+from shim.relay import (
+    SOCKET_DIR,
+    decode_reply,
+    decode_request,
+    encode_reply,
+    encode_request,
+    relay,
+    template_path,
+)
 from shim.template import IDLE_EXIT, TEMPLATE_COMM, spawn_template
 from shim.ttrpc.client import Client
 
@@ -116,12 +125,60 @@ def test_daemons_share_one_template_which_exits_when_idle(tmp_path: Path) -> Non
     assert wait_gone(template, timeout=IDLE_EXIT + 10)
 
 
-def test_relay_request_round_trips_and_rejects_malformed_ones() -> None:
-    argv, env = [SHIM, "-id", "x", "start"], {"PATH": "/bin"}
-    assert decode_request(encode_request(argv, "/b", env)) == (argv, "/b", env)
-    for bad in ((SHIM, "/b", env), ([], "/b", env), ([SHIM], 7, env), ([SHIM], "/b", [])):
-        with pytest.raises(ValueError):
-            decode_request(marshal.dumps(bad))
+@given(
+    argv=st.lists(st.text(), min_size=1),
+    cwd=st.text(),
+    env=st.dictionaries(st.text().filter(lambda name: "=" not in name), st.text()),
+)
+def test_relay_request_round_trips(argv: list[str], cwd: str, env: dict[str, str]) -> None:
+    def no_nul(text: str) -> str:  # what an argv or environment string can hold
+        return text.replace("\0", "")
+
+    argv, cwd = [no_nul(arg) for arg in argv], no_nul(cwd)
+    env = {no_nul(name): no_nul(value) for name, value in env.items()}
+    assert decode_request(encode_request(argv, cwd, env)) == (argv, cwd, env)
+
+
+def test_relay_request_reads_the_environment_as_os_environ_does() -> None:
+    request = word(1) + word(3) + b"%s\0/b\0A=1\0junk\0A=2\0" % SHIM.encode()
+    assert decode_request(request) == ([SHIM], "/b", {"A": "1"})
+
+
+def word(value: int) -> bytes:
+    return value.to_bytes(4, sys.byteorder, signed=True)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"",
+        word(1),
+        word(0) + word(0) + b"/b\0",  # no argv
+        word(1) + word(-1) + b"a\0/b\0",
+        word(1) + word(0) + b"a\0/b",  # the last string unended
+        word(1) + word(0) + b"a\0/b\0extra\0",
+        word(2) + word(0) + b"a\0/b\0",  # fewer strings than counted
+        word(2**31 - 1) + word(2**31 - 1) + b"a\0",
+    ],
+)
+def test_relay_request_rejects_malformed_ones(request_bytes: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_request(request_bytes)
+
+
+@pytest.mark.parametrize(
+    ("reply", "maximum", "expected"),
+    [(word(0), 255, 0), (word(255), 255, 255), (word(4242), 2**31 - 1, 4242)],
+)
+def test_reply_decodes(reply: bytes, maximum: int, expected: int) -> None:
+    assert decode_reply(reply, maximum) == expected
+    assert decode_reply(encode_reply(expected), maximum) == expected
+
+
+@pytest.mark.parametrize("reply", [b"", b"\0", word(0) + b"\0", word(256), word(-1)])
+def test_reply_rejects_malformed_ones(reply: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_reply(reply, 255)
 
 
 @pytest.mark.timeout(60)
@@ -130,9 +187,9 @@ def test_template_survives_malformed_requests(tmp_path: Path) -> None:
     started = {"first": shims.start("first")}
     path = template_path(shims.address, SHIM)
     garbage = [
-        (b"\x00not marshal", True),  # undecodable, with descriptors
-        (marshal.dumps(([SHIM, "start"], "/", {})), False),  # no descriptors
-        (marshal.dumps("a string"), True),
+        (b"\x00not a request", True),  # undecodable, with descriptors
+        (encode_request([SHIM, "start"], "/", {}), False),  # no descriptors
+        (word(1) + word(0) + b"unended", True),
     ]
     for payload, with_fds in garbage:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
