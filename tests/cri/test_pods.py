@@ -179,16 +179,15 @@ def test_stop_container_of_a_module(cri: CriClient, wasm_image: str) -> None:
     assert status.exit_code in (128 + 15, 128 + 9)
 
 
+# Not pyrunsc: gVisor enforces no per-container memory limit (a sub-container has no host
+# cgroup, only the sandbox has one, and the sentry's memory.limit_in_bytes is a stub), so the
+# container would grow until the host ran out of memory (README, Use with Kubernetes).
+# pywasm's OOM test is in test_wasm_pods.py.
+@pytest.mark.parametrize("oom_handler", ["pyrunc", "runc"])
 def test_memory_limit_gives_oomkilled(
-    cri: CriClient, linux_handler: str, containerd: PrivateContainerd
+    cri: CriClient, oom_handler: str, containerd: PrivateContainerd
 ) -> None:
-    if linux_handler == "pyrunsc":
-        # Not run: the container would grow until the host runs out of memory.
-        pytest.skip(
-            "gVisor enforces no per-container memory limit: a sub-container has no host cgroup "
-            "(only the sandbox has one) and the sentry's memory.limit_in_bytes is a stub"
-        )
-    pod = cri.run_pod(linux_handler)
+    pod = cri.run_pod(oom_handler)
     # tail keeps the last line of /dev/zero, which never ends: it grows until killed.
     container = cri.run_container(
         pod, containerd.image, ["tail", "/dev/zero"], memory_limit=32 * MiB
