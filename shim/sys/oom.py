@@ -61,6 +61,21 @@ class OomWatcher:
                     # EINVAL when the kernel dropped the watch already (file removed): fine.
                     lib.inotify_rm_watch(self._inotify, wd)
 
+    def check(self, container_id: str) -> None:
+        """Reports an OOM kill of the container not yet reported, without waiting for the loop
+        to notice: for an exit (maybe by that kill) that must be reported after it."""
+        entry = self._eventfds.get(container_id)
+        if entry is not None:
+            try:
+                os.eventfd_read(entry[0])
+            except BlockingIOError:
+                pass
+            else:
+                self._on_oom(container_id)
+        for wd, watch in list(self._watches.items()):
+            if watch.container_id == container_id:
+                self._check_v2(wd, watch)
+
     def close(self) -> None:
         for container_id in list(self._eventfds):
             self.remove(container_id)

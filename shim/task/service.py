@@ -59,15 +59,16 @@ def _timestamp(ns: int | None) -> Timestamp:
     return stamp
 
 
-def _check_id(kind: str, value: str) -> None:
+def check_id(kind: str, value: str) -> None:
     """Ids become file names in the bundle: refuse anything that could leave it."""
     if not value or value in (".", "..") or "/" in value or "\0" in value:
         raise TtrpcError(Code.INVALID_ARGUMENT, f"invalid {kind} {value!r}")
 
 
-def _json_any(message: AnyProto, what: str) -> dict[str, Any]:
+def json_object(data: bytes, what: str) -> dict[str, Any]:
+    """A JSON object sent by the client (an OCI spec or part of one)."""
     try:
-        value = json.loads(message.value)
+        value = json.loads(data)
     except ValueError as exc:
         raise TtrpcError(Code.INVALID_ARGUMENT, f"{what} is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
@@ -221,7 +222,7 @@ class TaskService:
     # -- RPCs ------------------------------------------------------------------------------
 
     async def Create(self, request: api.CreateTaskRequest, ctx: CallContext) -> Any:
-        _check_id("container id", request.id)
+        check_id("container id", request.id)
         if request.id in self._containers or request.id in self._creating:
             raise TtrpcError(Code.ALREADY_EXISTS, f"container {request.id}: already exists")
         self._creating.add(request.id)
@@ -362,11 +363,11 @@ class TaskService:
 
     async def Exec(self, request: api.ExecProcessRequest, ctx: CallContext) -> Any:
         container = self._container(request.id)
-        _check_id("exec id", request.exec_id)
+        check_id("exec id", request.exec_id)
         if request.exec_id in container.execs:
             raise TtrpcError(Code.ALREADY_EXISTS, f"id {request.exec_id}: already exists")
         container.init.require("exec in", Status.CREATED, Status.RUNNING)
-        spec = _json_any(request.spec, "exec process spec")
+        spec = json_object(request.spec.value, "exec process spec")
         spec["terminal"] = request.terminal
         process = Process(
             container.id,
@@ -506,7 +507,7 @@ class TaskService:
     async def Update(self, request: api.UpdateTaskRequest, ctx: CallContext) -> Any:
         container = self._container(request.id)
         container.init.require("update", Status.CREATED, Status.RUNNING, Status.PAUSED)
-        await container.backend.update(_json_any(request.resources, "resources"))
+        await container.backend.update(json_object(request.resources.value, "resources"))
         return Empty()
 
     async def Stats(self, request: api.StatsRequest, ctx: CallContext) -> Any:
