@@ -89,6 +89,15 @@ class Server:
                 for conn in list(self._connections):
                     conn.abort()
 
+    async def serve_connection(self, sock: socket.socket) -> None:
+        """Serve one already-connected AF_UNIX stream socket until the connection ends (the
+        guest agent bridges its virtio-serial port, one long-lived stream, to one)."""
+        if self._stopping:
+            raise RuntimeError("server is shut down")
+        connection = _ServerConnection(self)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, sock)
+        await connection.lost
+
     async def shutdown(self, grace: float = 5.0) -> None:
         """Stop accepting; let in-flight calls finish (up to `grace` s, then cancel them);
         close every connection once it is idle.
@@ -140,6 +149,7 @@ class _ServerConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.tasks: set[asyncio.Task[None]] = set()
         self._close_when_idle = False
+        self.lost: asyncio.Future[None] = self._loop.create_future()
 
     # -- asyncio.Protocol --
 
@@ -156,6 +166,8 @@ class _ServerConnection(asyncio.Protocol):
         # changes state completes even when its caller went away.
         self._transport = None
         self._server._connections.discard(self)
+        if not self.lost.done():
+            self.lost.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         for event in self._wire.receive_data(data):
