@@ -27,7 +27,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpyshim/agent/v1/agent.proto\x12\x0fpyshim.agent.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0e\n\x0c\x43heckRequest\"!\n\rCheckResponse\x12\x10\n\x08instance\x18\x01 \x01(\t\"H\n\x05Stdio\x12\r\n\x05stdin\x18\x01 \x01(\x08\x12\x0e\n\x06stdout\x18\x02 \x01(\x08\x12\x0e\n\x06stderr\x18\x03 \x01(\x08\x12\x10\n\x08terminal\x18\x04 \x01(\x08\"s\n\x16\x43reateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\x0c\x12\x0e\n\x06rootfs\x18\x03 \x01(\t\x12%\n\x05stdio\x18\x04 \x01(\x0b\x32\x16.pyshim.agent.v1.Stdio\"(\n\x10\x43ontainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"7\n\x0eProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"\x1e\n\x0fProcessResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\"s\n\x12\x45xecProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0f\n\x07process\x18\x03 \x01(\x0c\x12%\n\x05stdio\x18\x04 \x01(\x0b\x32\x16.pyshim.agent.v1.Stdio\"Z\n\x14SignalProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"Y\n\x13WaitProcessResponse\x12\x13\n\x0b\x65xit_status\x18\x01 \x01(\r\x12-\n\texited_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x11ReadStreamRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tmax_bytes\x18\x04 \x01(\r\"\"\n\x12ReadStreamResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"X\n\x11WriteStdinRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"%\n\x12WriteStdinResponse\x12\x0f\n\x07written\x18\x01 \x01(\x04\"[\n\x13TtyWinResizeRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x04 \x01(\r\"=\n\x16StatsContainerResponse\x12#\n\x05stats\x18\x01 \x01(\x0b\x32\x14.google.protobuf.Any\"A\n\x16UpdateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x11\n\tresources\x18\x02 \x01(\x0c\"*\n\nProcessPid\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"B\n\x10ListPidsResponse\x12.\n\tprocesses\x18\x01 \x03(\x0b\x32\x1b.pyshim.agent.v1.ProcessPid\"\x1f\n\x0eWaitOomRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x04\"9\n\x0fWaitOomResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t2\x95\x0c\n\x05\x41gent\x12\x46\n\x05\x43heck\x12\x1d.pyshim.agent.v1.CheckRequest\x1a\x1e.pyshim.agent.v1.CheckResponse\x12\\\n\x0f\x43reateContainer\x12\'.pyshim.agent.v1.CreateContainerRequest\x1a .pyshim.agent.v1.ProcessResponse\x12K\n\x0eStartContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\x16.google.protobuf.Empty\x12T\n\x0b\x45xecProcess\x12#.pyshim.agent.v1.ExecProcessRequest\x1a .pyshim.agent.v1.ProcessResponse\x12N\n\rSignalProcess\x12%.pyshim.agent.v1.SignalProcessRequest\x1a\x16.google.protobuf.Empty\x12T\n\x0bWaitProcess\x12\x1f.pyshim.agent.v1.ProcessRequest\x1a$.pyshim.agent.v1.WaitProcessResponse\x12U\n\nReadStdout\x12\".pyshim.agent.v1.ReadStreamRequest\x1a#.pyshim.agent.v1.ReadStreamResponse\x12U\n\nReadStderr\x12\".pyshim.agent.v1.ReadStreamRequest\x1a#.pyshim.agent.v1.ReadStreamResponse\x12U\n\nWriteStdin\x12\".pyshim.agent.v1.WriteStdinRequest\x1a#.pyshim.agent.v1.WriteStdinResponse\x12\x45\n\nCloseStdin\x12\x1f.pyshim.agent.v1.ProcessRequest\x1a\x16.google.protobuf.Empty\x12L\n\x0cTtyWinResize\x12$.pyshim.agent.v1.TtyWinResizeRequest\x1a\x16.google.protobuf.Empty\x12K\n\x0ePauseContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\x16.google.protobuf.Empty\x12L\n\x0fResumeContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\x16.google.protobuf.Empty\x12\\\n\x0eStatsContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\'.pyshim.agent.v1.StatsContainerResponse\x12R\n\x0fUpdateContainer\x12\'.pyshim.agent.v1.UpdateContainerRequest\x1a\x16.google.protobuf.Empty\x12P\n\x08ListPids\x12!.pyshim.agent.v1.ContainerRequest\x1a!.pyshim.agent.v1.ListPidsResponse\x12H\n\rRemoveProcess\x12\x1f.pyshim.agent.v1.ProcessRequest\x1a\x16.google.protobuf.Empty\x12L\n\x0fRemoveContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\x16.google.protobuf.Empty\x12L\n\x07WaitOom\x12\x1f.pyshim.agent.v1.WaitOomRequest\x1a .pyshim.agent.v1.WaitOomResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpyshim/agent/v1/agent.proto\x12\x0fpyshim.agent.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0e\n\x0c\x43heckRequest\"!\n\rCheckResponse\x12\x10\n\x08instance\x18\x01 \x01(\t\"H\n\x05Stdio\x12\r\n\x05stdin\x18\x01 \x01(\x08\x12\x0e\n\x06stdout\x18\x02 \x01(\x08\x12\x0e\n\x06stderr\x18\x03 \x01(\x08\x12\x10\n\x08terminal\x18\x04 \x01(\x08\"s\n\x16\x43reateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\x0c\x12\x0e\n\x06rootfs\x18\x03 \x01(\t\x12%\n\x05stdio\x18\x04 \x01(\x0b\x32\x16.pyshim.agent.v1.Stdio\"(\n\x10\x43ontainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"7\n\x0eProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"\x1e\n\x0fProcessResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\"s\n\x12\x45xecProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0f\n\x07process\x18\x03 \x01(\x0c\x12%\n\x05stdio\x18\x04 \x01(\x0b\x32\x16.pyshim.agent.v1.Stdio\"Z\n\x14SignalProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"o\n\x13WaitProcessResponse\x12\x13\n\x0b\x65xit_status\x18\x01 \x01(\r\x12-\n\texited_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0coom_sequence\x18\x03 \x01(\x04\"]\n\x11ReadStreamRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tmax_bytes\x18\x04 \x01(\r\"\"\n\x12ReadStreamResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"X\n\x11WriteStdinRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"%\n\x12WriteStdinResponse\x12\x0f\n\x07written\x18\x01 \x01(\x04\"[\n\x13TtyWinResizeRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x04 \x01(\r\"=\n\x16StatsContainerResponse\x12#\n\x05stats\x18\x01 \x01(\x0b\x32\x14.google.protobuf.Any\"A\n\x16UpdateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x11\n\tresources\x18\x02 \x01(\x0c\"*\n\nProcessPid\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"B\n\x10ListPidsResponse\x12.\n\tprocesses\x18\x01 \x03(\x0b\x32\x1b.pyshim.agent.v1.ProcessPid\"\x1f\n\x0eWaitOomRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x04\"9\n\x0fWaitOomResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t2\x95\x0c\n\x05\x41gent\x12\x46\n\x05\x43heck\x12\x1d.pyshim.agent.v1.CheckRequest\x1a\x1e.pyshim.agent.v1.CheckResponse\x12\\\n\x0f\x43reateContainer\x12\'.pyshim.agent.v1.CreateContainerRequest\x1a .pyshim.agent.v1.ProcessResponse\x12K\n\x0eStartContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\x16.google.protobuf.Empty\x12T\n\x0b\x45xecProcess\x12#.pyshim.agent.v1.ExecProcessRequest\x1a .pyshim.agent.v1.ProcessResponse\x12N\n\rSignalProcess\x12%.pyshim.agent.v1.SignalProcessRequest\x1a\x16.google.protobuf.Empty\x12T\n\x0bWaitProcess\x12\x1f.pyshim.agent.v1.ProcessRequest\x1a$.pyshim.agent.v1.WaitProcessResponse\x12U\n\nReadStdout\x12\".pyshim.agent.v1.ReadStreamRequest\x1a#.pyshim.agent.v1.ReadStreamResponse\x12U\n\nReadStderr\x12\".pyshim.agent.v1.ReadStreamRequest\x1a#.pyshim.agent.v1.ReadStreamResponse\x12U\n\nWriteStdin\x12\".pyshim.agent.v1.WriteStdinRequest\x1a#.pyshim.agent.v1.WriteStdinResponse\x12\x45\n\nCloseStdin\x12\x1f.pyshim.agent.v1.ProcessRequest\x1a\x16.google.protobuf.Empty\x12L\n\x0cTtyWinResize\x12$.pyshim.agent.v1.TtyWinResizeRequest\x1a\x16.google.protobuf.Empty\x12K\n\x0ePauseContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\x16.google.protobuf.Empty\x12L\n\x0fResumeContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\x16.google.protobuf.Empty\x12\\\n\x0eStatsContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\'.pyshim.agent.v1.StatsContainerResponse\x12R\n\x0fUpdateContainer\x12\'.pyshim.agent.v1.UpdateContainerRequest\x1a\x16.google.protobuf.Empty\x12P\n\x08ListPids\x12!.pyshim.agent.v1.ContainerRequest\x1a!.pyshim.agent.v1.ListPidsResponse\x12H\n\rRemoveProcess\x12\x1f.pyshim.agent.v1.ProcessRequest\x1a\x16.google.protobuf.Empty\x12L\n\x0fRemoveContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\x16.google.protobuf.Empty\x12L\n\x07WaitOom\x12\x1f.pyshim.agent.v1.WaitOomRequest\x1a .pyshim.agent.v1.WaitOomResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,29 +53,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNALPROCESSREQUEST']._serialized_start=627
   _globals['_SIGNALPROCESSREQUEST']._serialized_end=717
   _globals['_WAITPROCESSRESPONSE']._serialized_start=719
-  _globals['_WAITPROCESSRESPONSE']._serialized_end=808
-  _globals['_READSTREAMREQUEST']._serialized_start=810
-  _globals['_READSTREAMREQUEST']._serialized_end=903
-  _globals['_READSTREAMRESPONSE']._serialized_start=905
-  _globals['_READSTREAMRESPONSE']._serialized_end=939
-  _globals['_WRITESTDINREQUEST']._serialized_start=941
-  _globals['_WRITESTDINREQUEST']._serialized_end=1029
-  _globals['_WRITESTDINRESPONSE']._serialized_start=1031
-  _globals['_WRITESTDINRESPONSE']._serialized_end=1068
-  _globals['_TTYWINRESIZEREQUEST']._serialized_start=1070
-  _globals['_TTYWINRESIZEREQUEST']._serialized_end=1161
-  _globals['_STATSCONTAINERRESPONSE']._serialized_start=1163
-  _globals['_STATSCONTAINERRESPONSE']._serialized_end=1224
-  _globals['_UPDATECONTAINERREQUEST']._serialized_start=1226
-  _globals['_UPDATECONTAINERREQUEST']._serialized_end=1291
-  _globals['_PROCESSPID']._serialized_start=1293
-  _globals['_PROCESSPID']._serialized_end=1335
-  _globals['_LISTPIDSRESPONSE']._serialized_start=1337
-  _globals['_LISTPIDSRESPONSE']._serialized_end=1403
-  _globals['_WAITOOMREQUEST']._serialized_start=1405
-  _globals['_WAITOOMREQUEST']._serialized_end=1436
-  _globals['_WAITOOMRESPONSE']._serialized_start=1438
-  _globals['_WAITOOMRESPONSE']._serialized_end=1495
-  _globals['_AGENT']._serialized_start=1498
-  _globals['_AGENT']._serialized_end=3055
+  _globals['_WAITPROCESSRESPONSE']._serialized_end=830
+  _globals['_READSTREAMREQUEST']._serialized_start=832
+  _globals['_READSTREAMREQUEST']._serialized_end=925
+  _globals['_READSTREAMRESPONSE']._serialized_start=927
+  _globals['_READSTREAMRESPONSE']._serialized_end=961
+  _globals['_WRITESTDINREQUEST']._serialized_start=963
+  _globals['_WRITESTDINREQUEST']._serialized_end=1051
+  _globals['_WRITESTDINRESPONSE']._serialized_start=1053
+  _globals['_WRITESTDINRESPONSE']._serialized_end=1090
+  _globals['_TTYWINRESIZEREQUEST']._serialized_start=1092
+  _globals['_TTYWINRESIZEREQUEST']._serialized_end=1183
+  _globals['_STATSCONTAINERRESPONSE']._serialized_start=1185
+  _globals['_STATSCONTAINERRESPONSE']._serialized_end=1246
+  _globals['_UPDATECONTAINERREQUEST']._serialized_start=1248
+  _globals['_UPDATECONTAINERREQUEST']._serialized_end=1313
+  _globals['_PROCESSPID']._serialized_start=1315
+  _globals['_PROCESSPID']._serialized_end=1357
+  _globals['_LISTPIDSRESPONSE']._serialized_start=1359
+  _globals['_LISTPIDSRESPONSE']._serialized_end=1425
+  _globals['_WAITOOMREQUEST']._serialized_start=1427
+  _globals['_WAITOOMREQUEST']._serialized_end=1458
+  _globals['_WAITOOMRESPONSE']._serialized_start=1460
+  _globals['_WAITOOMRESPONSE']._serialized_end=1517
+  _globals['_AGENT']._serialized_start=1520
+  _globals['_AGENT']._serialized_end=3077
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,94 @@
+"""The guest agent: ``python -m shim.agent --listen PATH | --device /dev/vportNpM``.
+
+Serves the Agent API (proto/pyshim/agent/v1) with our ttrpc on a unix socket (host tests) or
+on a virtio-serial port (in the VM); runs containers under runc as a child subreaper that reaps
+every process through the one reaper. SIGTERM/SIGINT: the containers are killed and removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+from shim.agent.channel import serve_device
+from shim.agent.service import AgentService
+from shim.api.agent.v1 import agent_pb2 as api
+from shim.api.runc.options_pb2 import Options as RuncOptions
+from shim.manager import bind_socket
+from shim.runtimes.base import ShimContext
+from shim.runtimes.runc import RuncRuntime
+from shim.sys.reaper import Reaper
+from shim.ttrpc.server import Server
+from shim.ttrpc.service import service_from_descriptor
+
+log = logging.getLogger("shim.agent")
+
+NAMESPACE = "agent"  # runc keeps its state in <runc root>/agent/<container id>
+RUNTIME_NAME = "io.containerd.pykata.v1"
+SHUTDOWN_GRACE = 2.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m shim.agent", description=__doc__)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--listen", metavar="PATH", help="serve on a unix socket at PATH")
+    where.add_argument("--device", metavar="PATH", help="serve on a virtio-serial port")
+    parser.add_argument("--state-dir", default="/run/pyshim-agent", help="bundles go here")
+    parser.add_argument("--runc", default="runc", help="the runc binary")
+    parser.add_argument("--runc-root", default="/run/runc", help="runc's state root")
+    parser.add_argument(
+        "--no-pivot", action="store_true", help="runc --no-pivot (a rootfs on an initramfs)"
+    )
+    parser.add_argument("--debug", action="store_true")
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    reaper = Reaper.install(loop)
+    os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
+    runtime = RuncRuntime(ShimContext(NAMESPACE, RUNTIME_NAME, reaper, args.debug))
+    options = RuncOptions(binary_name=args.runc, root=args.runc_root, no_pivot_root=args.no_pivot)
+    service = AgentService(runtime, args.state_dir, options)
+    server = Server()
+    server.register(service_from_descriptor(api.DESCRIPTOR.services_by_name["Agent"]), service)
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if args.listen:
+        sock = bind_socket(args.listen)
+        if sock is None:
+            raise SystemExit(f"an agent already serves {args.listen}")
+        serving = loop.create_task(server.serve(sock))
+    else:
+        serving = loop.create_task(serve_device(server, args.device))
+    log.info("agent serving on %s", args.listen or args.device)
+    await stop.wait()
+    await server.shutdown(SHUTDOWN_GRACE)
+    if args.device:
+        serving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await serving
+    await service.close()
+    if args.listen:
+        with contextlib.suppress(OSError):
+            os.unlink(args.listen)
+    reaper.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s agent %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
