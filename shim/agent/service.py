@@ -23,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from shim.agent.oom import OomLog
 from shim.agent.process import AgentProcess
-from shim.agent.stdio import OutputStream, ProcessIO
+from shim.agent.stdio import OutputStream, ProcessStreams
 from shim.api.agent.v1 import agent_pb2 as api
 from shim.api.runc.options_pb2 import Options as RuncOptionsProto
 from shim.runtimes.base import Container, ContainerConfig, Launched
@@ -133,7 +133,7 @@ class AgentService:
             spec.setdefault("root", {})["path"] = request.rootfs
         bundle = os.path.join(self._state_dir, request.container_id)
         os.makedirs(bundle, mode=0o700)
-        streams = ProcessIO(request.container_id, request.stdio)
+        streams = ProcessStreams(request.container_id, request.stdio)
         try:
             with open(os.path.join(bundle, "config.json"), "w") as f:
                 json.dump(spec, f)
@@ -182,7 +182,7 @@ class AgentService:
         container.init.require("exec in", Status.CREATED, Status.RUNNING)
         spec = json_object(request.process, "process")
         spec["terminal"] = request.stdio.terminal
-        streams = ProcessIO(request.exec_id, request.stdio)
+        streams = ProcessStreams(request.exec_id, request.stdio)
         process = AgentProcess(container.id, request.exec_id, streams)
         container.execs[request.exec_id] = process  # reserved while runc runs
         try:
@@ -237,7 +237,7 @@ class AgentService:
 
     async def TtyWinResize(self, request: api.TtyWinResizeRequest, ctx: CallContext) -> Any:
         process = self._process(request)
-        process.require("resize", Status.RUNNING, Status.PAUSED)
+        process.require("resize", Status.CREATED, Status.RUNNING, Status.PAUSED)
         process.streams.resize(request.rows, request.columns)
         return Empty()
 

@@ -169,7 +169,7 @@ class InputStream:
             self._loop.remove_writer(fd)
 
 
-class ProcessIO:
+class ProcessStreams:
     """A process's stdio as the agent holds it: pipes (or a pty) and the streams over them."""
 
     def __init__(self, process_id: str, wanted: api.Stdio) -> None:

@@ -118,7 +118,17 @@ def agent(tmp_path_factory: pytest.TempPathFactory, rootfs: Path) -> Iterator[Ag
         yield running
     finally:
         running.stop()
+        remove_cgroup_parent()
     assert leftovers(running) == []
+
+
+def remove_cgroup_parent() -> None:
+    """runc removes each container's cgroup, not the parent it made for them."""
+    for parent in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_PARENT}"):
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+    with contextlib.suppress(OSError):
+        Path("/sys/fs/cgroup", CGROUP_PARENT).rmdir()  # a v2 host
 
 
 @pytest.fixture(scope="module")

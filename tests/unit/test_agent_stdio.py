@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from shim.agent.stdio import InputStream, OutputStream, ProcessIO
+from shim.agent.stdio import InputStream, OutputStream, ProcessStreams
 from shim.api.agent.v1 import agent_pb2 as api
 from shim.ttrpc.errors import Code, TtrpcError
 
@@ -111,7 +111,7 @@ def test_stdin_writes_skip_what_was_taken_and_wait_for_room() -> None:
 def test_process_io_makes_the_pipes_wanted_and_closes_them_all() -> None:
     async def main() -> None:
         before = set(os.listdir("/proc/self/fd"))
-        io = ProcessIO("p", api.Stdio(stdin=True, stderr=True))
+        io = ProcessStreams("p", api.Stdio(stdin=True, stderr=True))
         stdin, stdout, stderr = (
             io.runtime_stdio.stdin,
             io.runtime_stdio.stdout,
@@ -135,7 +135,7 @@ def test_process_io_makes_the_pipes_wanted_and_closes_them_all() -> None:
 def test_terminal_output_and_input_share_the_pty_master() -> None:
     async def main() -> None:
         master, slave = os.openpty()
-        io = ProcessIO("t", api.Stdio(stdin=True, stdout=True, terminal=True))
+        io = ProcessStreams("t", api.Stdio(stdin=True, stdout=True, terminal=True))
         assert io.runtime_stdio.terminal and io.runtime_stdio.stdout is None
         io.started(master)
         assert io.stdin is not None and io.stdout is not None
