@@ -73,8 +73,13 @@ def wasm_image(containerd: PrivateContainerd, tmp_path_factory: pytest.TempPathF
 def clean_pods(containerd: PrivateContainerd, cri: CriClient) -> Iterator[None]:
     yield
     cri.remove_all()
-    wait_until(lambda: not containerd.leftovers(), timeout=10, interval=0.1)
-    leftovers = containerd.leftovers() + runsc_state(containerd, cri)
-    if leftovers:
+
+    def leftovers() -> list[str]:
+        return containerd.leftovers() + runsc_state(containerd, cri)
+
+    # Shims exit, and `delete` clears runsc's state, shortly after the last task is removed.
+    wait_until(lambda: not leftovers(), timeout=10, interval=0.1)
+    found = leftovers()
+    if found:
         containerd.force_clean()
-        pytest.fail("test left behind:\n  " + "\n  ".join(leftovers), pytrace=False)
+        pytest.fail("test left behind:\n  " + "\n  ".join(found), pytrace=False)
