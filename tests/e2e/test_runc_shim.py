@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import hashlib
 import json
@@ -11,13 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from google.protobuf.any_pb2 import Any as AnyProto
-from google.protobuf.empty_pb2 import Empty
+from cgroup_support import UPDATE, assert_real_metrics, limits_after_update, update_task
 from harness import EXEC_THEN_KILL_TOPICS, PrivateContainerd, process_args, wait_until
-
-from shim.api.task.v2 import shim_pb2 as api
-from shim.sys.cgroups import Cgroup
-from shim.ttrpc.client import Client
 
 RUNTIME = "io.containerd.pyrunc.v1"
 
@@ -30,6 +24,7 @@ def run(
     return containerd.ctr("run", "--runtime", RUNTIME, *args, **kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.cgroup
 def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainerd) -> None:
     result = run(
         containerd,
@@ -149,6 +144,7 @@ def test_kill_with_term_and_kill(containerd: PrivateContainerd) -> None:
         containerd.ctr("containers", "delete", name)
 
 
+@pytest.mark.cgroup
 def test_pause_stops_a_counter_and_resume_continues(containerd: PrivateContainerd) -> None:
     containerd.run_detached(
         "counter",
@@ -180,6 +176,7 @@ def test_pause_stops_a_counter_and_resume_continues(containerd: PrivateContainer
     containerd.kill_and_delete("counter")
 
 
+@pytest.mark.cgroup
 def test_ps_lists_init_and_exec_pids(containerd: PrivateContainerd) -> None:
     containerd.run_detached("ps", "sleep", "1000")
     execer = containerd.start_ctr("tasks", "exec", "--exec-id", "busy", "ps", "sleep", "30")
@@ -200,15 +197,18 @@ def test_ps_lists_init_and_exec_pids(containerd: PrivateContainerd) -> None:
     containerd.kill_and_delete("ps")
 
 
+@pytest.mark.cgroup
 def test_metrics(containerd: PrivateContainerd) -> None:
-    containerd.run_detached("metrics", "sleep", "1000")
+    containerd.run_detached("metrics", "sh", "-c", "while :; do :; done")
     table = containerd.ctr("tasks", "metrics", "metrics").stdout
     assert "memory.usage_in_bytes" in table or "memory.usage" in table, table
     as_json = json.loads(containerd.ctr("tasks", "metrics", "--format", "json", "metrics").stdout)
     assert as_json["pids"]["current"] >= 1
+    assert_real_metrics(containerd, "metrics")
     containerd.kill_and_delete("metrics")
 
 
+@pytest.mark.cgroup
 def test_memory_limit_gives_oom_before_exit(containerd: PrivateContainerd) -> None:
     with containerd.events() as events:
         result = run(
@@ -263,6 +263,7 @@ def test_missing_binary_is_a_clear_error(containerd: PrivateContainerd) -> None:
     assert wait_until(lambda: not containerd.shim_pids(), timeout=10)
 
 
+@pytest.mark.cgroup
 def test_containerd_restart_keeps_the_task(containerd: PrivateContainerd) -> None:
     containerd.run_detached("survivor", "sleep", "1000")
     pid = containerd.task_pid("survivor")
@@ -303,26 +304,10 @@ def test_twenty_run_rm_in_parallel(containerd: PrivateContainerd) -> None:
     assert results == [(0, f"{n}\n") for n in range(20)]
 
 
-def test_update_changes_the_memory_limit(containerd: PrivateContainerd) -> None:
-    # ctr 1.6 has no `tasks update`: send Update to the shim the way containerd does.
+@pytest.mark.cgroup
+def test_update_changes_memory_pids_and_cpu_limits(containerd: PrivateContainerd) -> None:
     containerd.run_detached("upd", "sleep", "1000")
-    address = (containerd.bundle("upd") / "address").read_text().removeprefix("unix://")
-    limit = 48 * 1024 * 1024
-    resources = AnyProto(
-        type_url="types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
-        value=json.dumps({"memory": {"limit": limit}}).encode(),
-    )
-
-    async def update() -> None:
-        client = await Client.connect(address)
-        try:
-            request = api.UpdateTaskRequest(id="upd", resources=resources)
-            await client.call("containerd.task.v2.Task", "Update", request, Empty, timeout=10)
-        finally:
-            await client.close()
-
-    asyncio.run(update())
-    cgroup = Cgroup.for_pid(containerd.task_pid("upd"))
-    limit_file = "memory.limit_in_bytes" if cgroup.version == 1 else "memory.max"
-    assert int(Path(cgroup.path("memory"), limit_file).read_text()) == limit
+    update_task(containerd, "upd", UPDATE)
+    found, expected = limits_after_update(containerd.task_pid("upd"))
+    assert found == expected
     containerd.kill_and_delete("upd")

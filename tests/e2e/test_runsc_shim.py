@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cgroup_support import assert_real_metrics
 from harness import EXEC_THEN_KILL_TOPICS, PrivateContainerd, wait_until
 from runsc_support import require_runsc
 
@@ -36,6 +37,7 @@ def sleeper(containerd: PrivateContainerd) -> Iterator[str]:
     containerd.kill_and_delete(name, check=False)
 
 
+@pytest.mark.cgroup
 def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainerd) -> None:
     script = "echo hello; echo oops >&2; exit 7"
     result = run(containerd, "--rm", containerd.image, "rs-rm", "sh", "-c", script, check=False)
@@ -97,6 +99,7 @@ def test_kill_reports_the_signal_status(containerd: PrivateContainerd) -> None:
     containerd.ctr("containers", "delete", name)
 
 
+@pytest.mark.cgroup
 def test_pause_and_resume(containerd: PrivateContainerd) -> None:
     name = "rs-counter"
     counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done"
@@ -120,12 +123,14 @@ def test_pause_and_resume(containerd: PrivateContainerd) -> None:
     containerd.ctr("containers", "delete", name)
 
 
+@pytest.mark.cgroup
 def test_metrics_come_from_the_sandbox(containerd: PrivateContainerd, sleeper: str) -> None:
     as_json = json.loads(containerd.ctr("tasks", "metrics", "--format", "json", sleeper).stdout)
 
     assert as_json["pids"]["current"] >= 1, as_json
     usage = as_json["memory"]["usage"]
     assert (usage["usage"] if isinstance(usage, dict) else usage) > 0, as_json
+    assert_real_metrics(containerd, sleeper)
 
 
 def test_events_in_order_with_ids(containerd: PrivateContainerd) -> None:

@@ -10,6 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cgroup_support import (
+    UPDATE,
+    assert_real_metrics,
+    host_cgroup_version,
+    limits_after_update,
+    update_task,
+)
 from harness import (
     DEFAULT_VERSION,
     EXEC_THEN_KILL_TOPICS,
@@ -57,6 +64,7 @@ def wasm_run(
     return containerd.ctr(*argv, check=False, timeout=60)
 
 
+@pytest.mark.cgroup
 def test_run_rm_prints_output_and_returns_exit_code(containerd: PrivateContainerd) -> None:
     hello = wasm_run(containerd, "hello", "/hello.wasm")
     assert (hello.returncode, hello.stdout) == (0, "hello from wasm\n"), hello.stderr
@@ -110,6 +118,7 @@ def test_fifty_megabytes_of_output_arrive(containerd: PrivateContainerd) -> None
     assert out.count(b"x") == len(out)
 
 
+@pytest.mark.cgroup
 def test_kill_ends_an_infinite_loop(containerd: PrivateContainerd) -> None:
     containerd.run_detached("loop", "/loop.wasm", image=IMAGE)
     assert containerd.task_status("loop") == "RUNNING"
@@ -121,6 +130,7 @@ def test_kill_ends_an_infinite_loop(containerd: PrivateContainerd) -> None:
     containerd.ctr("containers", "delete", "loop")
 
 
+@pytest.mark.cgroup
 def test_pause_stops_the_loop_and_resume_continues(containerd: PrivateContainerd) -> None:
     containerd.run_detached("spin", "/loop.wasm", "/progress", image=IMAGE)
     progress = containerd.bundle("spin") / "rootfs" / "progress"
@@ -162,6 +172,7 @@ def test_exec_runs_modules_with_their_own_stdio_and_exit_code(
     containerd.kill_and_delete("host")
 
 
+@pytest.mark.cgroup
 def test_ps_metrics_and_memory_limit_act_on_the_cgroup(containerd: PrivateContainerd) -> None:
     limit = 256 * 1024 * 1024
     containerd.ctr(
@@ -174,9 +185,37 @@ def test_ps_metrics_and_memory_limit_act_on_the_cgroup(containerd: PrivateContai
 
     metrics = json.loads(containerd.ctr("tasks", "metrics", "--format", "json", "measured").stdout)
     assert metrics["pids"]["current"] >= 1  # threads count too
-    assert metrics["memory"]["usage"]["usage"] > 0
-    assert metrics["memory"]["usage"]["limit"] == limit
+    if host_cgroup_version() == 2:
+        assert metrics["memory"]["usage"] > 0
+        assert metrics["memory"]["usage_limit"] == limit
+    else:
+        assert metrics["memory"]["usage"]["usage"] > 0
+        assert metrics["memory"]["usage"]["limit"] == limit
+    assert_real_metrics(containerd, "measured")
     containerd.kill_and_delete("measured")
+
+
+@pytest.mark.cgroup
+def test_update_sets_memory_pids_and_cpu_limits_of_the_cgroup(
+    containerd: PrivateContainerd,
+) -> None:
+    containerd.run_detached("limited", "/loop.wasm", image=IMAGE)
+    update_task(containerd, "limited", UPDATE)
+    found, expected = limits_after_update(containerd.task_pid("limited"))
+    assert found == expected
+    containerd.kill_and_delete("limited")
+
+
+@pytest.mark.cgroup
+def test_memory_limit_gives_oom_before_exit(containerd: PrivateContainerd) -> None:
+    with containerd.events() as events:
+        result = wasm_run(
+            containerd, "oom", "/oom.wasm", flags=("--memory-limit", str(32 * 1024 * 1024))
+        )
+        assert result.returncode == 137, result.stderr
+        events.wait_for("/tasks/delete")
+    topics = [t for t in events.topics() if t in ("/tasks/oom", "/tasks/exit")]
+    assert topics[:2] == ["/tasks/oom", "/tasks/exit"], events.lines
 
 
 def test_events_in_order_with_ids(containerd: PrivateContainerd) -> None:

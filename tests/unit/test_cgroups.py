@@ -36,6 +36,12 @@ def is_cgroup_v1_host() -> bool:
 needs_v1_root = pytest.mark.skipif(
     os.geteuid() != 0 or not is_cgroup_v1_host(), reason="needs root on a cgroup v1 host"
 )
+needs_v2_root = pytest.mark.skipif(
+    os.geteuid() != 0 or is_cgroup_v1_host(),
+    reason="needs root on a cgroup v2 host (scripts/vm-test)",
+)
+# scripts/vm-test runs this module on a cgroup v2 guest; the v1 tests run on this host.
+pytestmark = pytest.mark.cgroup
 
 
 def test_v1_membership_resolves_comounted_controllers_and_mount_roots() -> None:
@@ -189,6 +195,36 @@ class RealV1Cgroup:
                 directory.rmdir()
 
 
+class RealV2Cgroup:
+    """A private v2 cgroup under ours, with the controllers ours delegates."""
+
+    def __init__(self, name: str) -> None:
+        self.dir = Path(Cgroup.for_pid(os.getpid()).path("")) / name
+        self.dir.mkdir()
+
+    def write(self, name: str, value: str) -> None:
+        (self.dir / name).write_text(value)
+
+    def enter(self, pid: int) -> None:
+        self.write("cgroup.procs", str(pid))
+
+    def remove(self) -> None:
+        if self.dir.exists():
+            self.dir.rmdir()
+
+
+@pytest.fixture
+def real_v2() -> Iterator[RealV2Cgroup]:
+    cgroup = RealV2Cgroup(f"pyshim-test-{os.getpid()}")
+    controllers = set((cgroup.dir / "cgroup.controllers").read_text().split())
+    try:
+        if not {"cpu", "memory", "pids"} <= controllers:
+            pytest.skip(f"our cgroup delegates only {sorted(controllers)}")
+        yield cgroup
+    finally:
+        cgroup.remove()
+
+
 @pytest.fixture
 def real_v1() -> Iterator[RealV1Cgroup]:
     cgroup = RealV1Cgroup(f"pyshim-test-{os.getpid()}")
@@ -299,6 +335,91 @@ def test_v1_removed_cgroup_is_not_reported_as_oom(real_v1: RealV1Cgroup) -> None
         try:
             watcher.add("gone", cgroup)
             real_v1.remove()
+            await asyncio.sleep(0.3)
+            return reported
+        finally:
+            watcher.close()
+
+    assert asyncio.run(main()) == []
+
+
+@needs_v2_root
+@pytest.mark.timeout(60)
+def test_v2_stats_of_a_real_cgroup(real_v2: RealV2Cgroup) -> None:
+    real_v2.write("memory.max", str(256 << 20))
+    real_v2.write("pids.max", "50")
+    child = gated_child(
+        "data = b'x' * (8 << 20)\n"
+        "while time.process_time() < 0.3: pass\n"
+        "print('burnt', flush=True)\n"
+        "time.sleep(30)"
+    )
+    try:
+        real_v2.enter(child.pid)
+        open_gate(child)
+        cgroup = Cgroup.for_pid(child.pid)
+        assert cgroup.version == 2
+        assert cgroup.pids() == [child.pid]
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"burnt\n"
+        packed = cgroup.stats()
+        assert packed.type_url == "io.containerd.cgroups.v2.Metrics"
+        metrics = v2.Metrics.FromString(packed.value)
+    finally:
+        stop(child)
+    assert (metrics.pids.current, metrics.pids.limit) == (1, 50)
+    assert metrics.memory.usage_limit == 256 << 20
+    assert 8 << 20 < metrics.memory.usage < 256 << 20
+    assert metrics.memory.anon >= 8 << 20
+    assert metrics.cpu.usage_usec >= 200_000  # µs: most of the 0.3 s of CPU burnt
+    assert metrics.cpu.user_usec + metrics.cpu.system_usec > 0
+    assert metrics.memory_events.oom_kill == 0
+
+
+@needs_v2_root
+@pytest.mark.timeout(60)
+def test_v2_oom_kill_in_a_real_cgroup_is_reported(real_v2: RealV2Cgroup) -> None:
+    real_v2.write("memory.max", str(32 << 20))
+    real_v2.write("memory.swap.max", "0")
+    child = gated_child("hog = b'x' * (512 << 20)")
+
+    async def main() -> list[str]:
+        reported: list[str] = []
+        watcher = OomWatcher(asyncio.get_running_loop(), reported.append)
+        try:
+            real_v2.enter(child.pid)
+            watcher.add("hog", Cgroup.for_pid(child.pid))
+            open_gate(child)
+            async with asyncio.timeout(20):
+                while not reported:
+                    await asyncio.sleep(0.01)
+            return reported
+        finally:
+            watcher.close()
+
+    try:
+        assert asyncio.run(main()) == ["hog"]
+        assert child.wait(timeout=10) == -signal.SIGKILL  # by the OOM killer
+    finally:
+        stop(child)
+
+
+@needs_v2_root
+@pytest.mark.timeout(60)
+def test_v2_removed_cgroup_is_not_reported_as_oom(real_v2: RealV2Cgroup) -> None:
+    child = gated_child("")
+    real_v2.enter(child.pid)
+    cgroup = Cgroup.for_pid(child.pid)
+    open_gate(child)
+    assert child.wait(timeout=10) == 0
+    stop(child)
+
+    async def main() -> list[str]:
+        reported: list[str] = []
+        watcher = OomWatcher(asyncio.get_running_loop(), reported.append)
+        try:
+            watcher.add("gone", cgroup)
+            real_v2.remove()
             await asyncio.sleep(0.3)
             return reported
         finally:
