@@ -65,7 +65,8 @@ def test_the_pause_runs_on_runc_and_the_app_module_in_its_cgroup(
 ) -> None:
     pod = cri.run_pod("pywasm")
     pause = pod_pid(cri, pod)
-    assert process_comm(pause) == "pause"
+    # runc start returns once runc init is told to go, maybe before it has exec'd the pause.
+    assert wait_until(lambda: process_comm(pause) == "pause", timeout=10), process_comm(pause)
     assert runc_state(containerd, pod.id).is_dir(), "runc holds the pause container"
 
     app = cri.run_container(pod, wasm_image, ["/sleep.wasm"])
