@@ -54,5 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     return serve_from_socket_flag(flags, binary)
 
 
+def launched() -> int:
+    """``pyshim-shim ARGV0 ARGS...``: the native launcher's fallback (shim/native/launcher.c),
+    which passes its own argv[0] first since the interpreter's argv replaces it."""
+    return main(sys.argv[1:])
+
+
 if __name__ == "__main__":
     sys.exit(main())

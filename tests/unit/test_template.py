@@ -1,5 +1,6 @@
 """The warm template: `start` and `delete` are relayed to one template, which forks the daemons
-and exits when idle."""
+and exits when idle. The relay's cases run with both clients: the Python one (shim.relay, as
+the console script or the launcher's fallback runs it) and the native launcher."""
 
 from __future__ import annotations
 
@@ -10,16 +11,21 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from google.protobuf.empty_pb2 import Empty
-from hypothesis import given
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from shim.api.task.v2 import shim_pb2 as api
+from shim.native.build import build_launchers
 from shim.relay import (
+    EXIT_MAX,
+    MESSAGE_MAX,
     SOCKET_DIR,
     decode_reply,
     decode_request,
@@ -31,8 +37,30 @@ from shim.relay import (
 from shim.template import IDLE_EXIT, TEMPLATE_COMM, spawn_template
 from shim.ttrpc.client import Client
 
-SHIM = str(Path(sys.executable).with_name("containerd-shim-pyrunc-v1"))
+SHIM_NAME = "containerd-shim-pyrunc-v1"
 TASK = "containerd.task.v2.Task"
+CLIENTS = ("python", "native")
+
+
+@pytest.fixture(scope="session")
+def shim_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The launcher built from source as the pyrunc shim, next to the Python entry point it
+    falls back to (pyshim-shim, as pip writes it for this interpreter)."""
+    bin_dir = tmp_path_factory.mktemp("bin")
+    assert build_launchers(bin_dir, [SHIM_NAME]) is not None
+    entry = bin_dir / "pyshim-shim"
+    entry.write_text(
+        f"#!{sys.executable}\nimport sys\nfrom shim.main import launched\nsys.exit(launched())\n"
+    )
+    entry.chmod(0o755)
+    return bin_dir
+
+
+def client_argv(shim_bin: Path, client: str) -> list[str]:
+    """What runs the shim program with that client; argv[0] of the shim is the launcher's path
+    either way, so both find the same template."""
+    shim = str(shim_bin / SHIM_NAME)
+    return [shim] if client == "native" else [str(shim_bin / "pyshim-shim"), shim]
 
 
 def parent_of(pid: int) -> int:
@@ -69,23 +97,25 @@ async def shutdown(address: str, task_id: str) -> None:
 
 
 class Shims:
-    """Runs the real shim program's `start` and `delete` as containerd would, for a fake
-    containerd address of its own (so each test gets its own template)."""
+    """Runs the shim program's `start` and `delete` as containerd would, through one relay
+    client, for a fake containerd address of its own (so each test gets its own template)."""
 
-    def __init__(self, tmp_path: Path, name: str) -> None:
+    def __init__(self, tmp_path: Path, name: str, shim_bin: Path, client: str) -> None:
         if os.geteuid() != 0:
             pytest.skip(f"start binds under {SOCKET_DIR}, which needs root")
         self.tmp_path = tmp_path
-        self.address = f"/pyshim-template-unit-{os.getpid()}-{name}.sock"
+        self.argv = client_argv(shim_bin, client)
+        self.program = self.argv[-1]
+        self.address = f"/pyshim-template-unit-{os.getpid()}-{name}-{client}.sock"
         self.env = {"PATH": os.environ["PATH"], "TTRPC_ADDRESS": self.address + ".ttrpc"}
 
     def run(self, task_id: str, action: str) -> subprocess.CompletedProcess[bytes]:
         bundle = self.tmp_path / task_id
         bundle.mkdir(exist_ok=True)
         (bundle / "config.json").write_text("{}")
-        argv = [SHIM, "-namespace", "unit", "-address", self.address, "-id", task_id, action]
+        flags = ["-namespace", "unit", "-address", self.address, "-id", task_id, action]
         done = subprocess.run(
-            argv,
+            [*self.argv, *flags],
             cwd=bundle,
             env=self.env,
             stdin=subprocess.DEVNULL,
@@ -108,8 +138,11 @@ class Shims:
 
 
 @pytest.mark.timeout(60)
-def test_daemons_share_one_template_which_exits_when_idle(tmp_path: Path) -> None:
-    shims = Shims(tmp_path, "idle")
+@pytest.mark.parametrize("client", CLIENTS)
+def test_daemons_share_one_template_which_exits_when_idle(
+    tmp_path: Path, shim_bin: Path, client: str
+) -> None:
+    shims = Shims(tmp_path, "idle", shim_bin, client)
     started = {task_id: shims.start(task_id) for task_id in ("a", "b")}
     daemons = [pid for _printed, pid in started.values()]
     template = parent_of(daemons[0])
@@ -140,8 +173,8 @@ def test_relay_request_round_trips(argv: list[str], cwd: str, env: dict[str, str
 
 
 def test_relay_request_reads_the_environment_as_os_environ_does() -> None:
-    request = word(1) + word(3) + b"%s\0/b\0A=1\0junk\0A=2\0" % SHIM.encode()
-    assert decode_request(request) == ([SHIM], "/b", {"A": "1"})
+    request = word(1) + word(3) + b"shim\0/b\0A=1\0junk\0A=2\0"
+    assert decode_request(request) == (["shim"], "/b", {"A": "1"})
 
 
 def word(value: int) -> bytes:
@@ -182,13 +215,14 @@ def test_reply_rejects_malformed_ones(reply: bytes) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_template_survives_malformed_requests(tmp_path: Path) -> None:
-    shims = Shims(tmp_path, "bad")
+@pytest.mark.parametrize("client", CLIENTS)
+def test_template_survives_malformed_requests(tmp_path: Path, shim_bin: Path, client: str) -> None:
+    shims = Shims(tmp_path, "bad", shim_bin, client)
     started = {"first": shims.start("first")}
-    path = template_path(shims.address, SHIM)
+    path = template_path(shims.address, shims.program)
     garbage = [
         (b"\x00not a request", True),  # undecodable, with descriptors
-        (encode_request([SHIM, "start"], "/", {}), False),  # no descriptors
+        (encode_request([shims.program, "start"], "/", {}), False),  # no descriptors
         (word(1) + word(0) + b"unended", True),
     ]
     for payload, with_fds in garbage:
@@ -209,9 +243,138 @@ def test_relay_declines_when_the_program_is_not_run_by_its_path() -> None:
     assert relay(["no-such-shim-program", "-id", "x", "delete"], "/unused.sock", print) is None
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_program_not_run_by_its_path_does_delete_itself(
+    tmp_path: Path, shim_bin: Path, client: str
+) -> None:
+    argv = client_argv(shim_bin, client)
+    executable = argv[0]
+    argv[-1] = SHIM_NAME  # found on PATH, say: nothing to key a template by
+    done = subprocess.run(
+        [*argv, "-namespace", "unit", "-address", "/unused.sock", "-id", "x", "delete"],
+        executable=executable,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert api.DeleteResponse.FromString(done.stdout).exit_status == 137
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("flag", ["-v", "--v=true"])
+def test_other_actions_are_answered_by_python(shim_bin: Path, client: str, flag: str) -> None:
+    """The launcher execs the Python entry point with its own argv[0] (the name printed)."""
+    argv = [*client_argv(shim_bin, client), "-address", "/unused.sock", flag, "start"]
+    done = subprocess.run(argv, capture_output=True, timeout=30, check=True)
+    assert done.stdout.startswith(f"{SHIM_NAME}:\n  Version: ".encode())
+
+
+class ThreadWithResult(threading.Thread):
+    def __init__(self, target: Callable[..., object], *args: object) -> None:
+        super().__init__(target=self._run, args=(target, *args))
+        self.error: BaseException | None = None
+        self.start()
+
+    def _run(self, target: Callable[..., object], *args: object) -> None:
+        try:
+            target(*args)
+        except BaseException as exc:
+            self.error = exc
+
+    def result(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+class FakeTemplate:
+    """Listens where a client looks for the template and answers one request as told."""
+
+    def __init__(self, address: str, program: str) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind(template_path(address, program))
+        self.listener.listen(1)
+        self.listener.settimeout(30)
+        self.requests: list[tuple[list[str], str, dict[str, str]]] = []
+
+    def answer(self, ack: bytes, result: bytes) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            data, fds, _flags, _addr = socket.recv_fds(conn, MESSAGE_MAX, 3)
+            for fd in fds:
+                os.close(fd)
+            assert len(fds) == 3
+            self.requests.append(decode_request(data))
+            conn.send(ack)
+            if result:  # none: the worker died
+                with contextlib.suppress(BrokenPipeError):  # the client gave up on the ack
+                    conn.send(result)
+
+    def close(self) -> None:
+        os.unlink(self.listener.getsockname())
+        self.listener.close()
+
+
+def expected_exit(ack: bytes, result: bytes) -> int | None:
+    """What docs/ARCHITECTURE.md says a client exits with: the result, or None for a protocol
+    error or a dead worker (the client reports it and exits 1)."""
+    try:
+        decode_reply(ack, 2**31 - 1)
+        return decode_reply(result, EXIT_MAX)
+    except ValueError:
+        return None
+
+
+replies = st.one_of(
+    st.integers(0, EXIT_MAX).map(encode_reply),
+    st.integers(-(2**31), 2**31 - 1).map(encode_reply),
+    st.binary(max_size=64),
+)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ack=replies.filter(bool), result=replies)
+@example(ack=encode_reply(1), result=encode_reply(3))
+@example(ack=encode_reply(1), result=encode_reply(256))
+@example(ack=encode_reply(1), result=b"")
+@example(ack=b"\0" * 100_000, result=encode_reply(0))
+@example(ack=encode_reply(1), result=encode_reply(0) * 5)
+def test_clients_read_the_templates_replies_as_documented(
+    tmp_path: Path, shim_bin: Path, client: str, ack: bytes, result: bytes
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip(f"the template socket is under {SOCKET_DIR}, which needs root")
+    argv = client_argv(shim_bin, client)
+    address = f"/pyshim-template-fake-{os.getpid()}-{client}.sock"
+    template = FakeTemplate(address, argv[-1])
+    try:
+        answering = ThreadWithResult(template.answer, ack, result)
+        flags = ["-address", address, "-id", "x", "delete"]
+        env = {"PATH": os.environ["PATH"], "SEEN": "yes"}
+        done = subprocess.run(
+            [*argv, *flags], cwd=tmp_path, env=env, capture_output=True, timeout=30
+        )
+        answering.result()
+    finally:
+        template.close()
+    [(request_argv, cwd, request_env)] = template.requests
+    assert (request_argv, cwd) == ([argv[-1], *flags], str(tmp_path))
+    assert request_env.items() >= env.items()
+    code = expected_exit(ack, result)
+    assert done.returncode == (1 if code is None else code), done.stderr
+    assert bool(done.stderr) == (code is None), done.stderr
+
+
 @pytest.mark.timeout(60)
-def test_a_killed_template_is_replaced_and_its_daemons_keep_serving(tmp_path: Path) -> None:
-    shims = Shims(tmp_path, "killed")
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_killed_template_is_replaced_and_its_daemons_keep_serving(
+    tmp_path: Path, shim_bin: Path, client: str
+) -> None:
+    shims = Shims(tmp_path, "killed", shim_bin, client)
     started = {"first": shims.start("first")}
     old_template = parent_of(started["first"][1])
     os.kill(old_template, signal.SIGKILL)  # its socket file stays behind, refusing connections

@@ -1,0 +1,1 @@
+"""The native shim launcher (launcher.c) and its build."""

@@ -1,0 +1,42 @@
+"""Builds the native shim launcher (launcher.c) with the C compiler the cffi helper needs.
+
+Imports nothing of ours: setup.py loads it before the package is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("launcher.c")
+CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror")
+
+
+def build_launcher(output: Path) -> bool:
+    """Compile the launcher to ``output``; False when no C compiler could (the shims are then
+    the pure-Python console scripts)."""
+    compiler = shlex.split(os.environ.get("CC", "cc"))
+    try:
+        subprocess.run([*compiler, *CFLAGS, "-o", str(output), str(SOURCE)], check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"pyshim: no native shim launcher ({exc})", file=sys.stderr)
+        return False
+    return True
+
+
+def build_launchers(directory: Path, names: list[str]) -> list[str] | None:
+    """The launcher built once and copied under each shim's name: their paths, or None (also
+    when PYSHIM_NATIVE_LAUNCHER=0 asks for the pure-Python shims)."""
+    if os.environ.get("PYSHIM_NATIVE_LAUNCHER") == "0":
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    built = directory / "launcher"
+    if not build_launcher(built):
+        return None
+    for name in names:
+        shutil.copy2(built, directory / name)
+    return [str(directory / name) for name in names]
