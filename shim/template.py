@@ -7,10 +7,12 @@ containerd spawns a template that imports the daemon once and freezes those obje
 (shim.relay); the template forks a child that does the command, and after ``start`` that child
 stays on as the shim daemon: it serves at once and shares the template's pages copy-on-write.
 
-Lifetime: the template runs in a session of its own (not containerd's child), serves one
-containerd address and one shim program, and exits once it has had no child for IDLE_EXIT
-seconds. Daemons are independent of it: if it dies they are reparented like any orphan.
-The template names itself TEMPLATE_COMM (/proc/PID/comm) so tools can tell it from a shim.
+Lifetime: the template runs in a session of its own (not containerd's child) and serves one
+containerd address and one shim program. It exits once it has had no child for the idle time
+(PYSHIM_TEMPLATE_IDLE seconds in the environment containerd gives its shims; IDLE_DEFAULT
+unset), and at once when the process that ran the first shim (containerd) is gone. Daemons are
+independent of it: if it exits they are reparented like any orphan. The template names itself
+TEMPLATE_COMM (/proc/PID/comm) so tools can tell it from a shim.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import gc
 import importlib
 import os
+import select
 import socket
 import time
 import traceback
@@ -31,7 +34,21 @@ from shim.sys.cmdline import set_cmdline, set_comm
 from shim.sys.fds import close_all_except
 
 TEMPLATE_COMM = "pyshim-template"
-IDLE_EXIT = 1.0  # seconds without a child before the template exits
+IDLE_ENV = "PYSHIM_TEMPLATE_IDLE"
+# Seconds without a child before the template exits: a node that runs a container every few
+# minutes (CronJobs, CI) keeps its template warm; the cost is one idle template's memory for
+# ten minutes after the last container (docs/ARCHITECTURE.md has the figures).
+IDLE_DEFAULT = 600.0
+REAP_INTERVAL = 1.0  # how often the exits of children are looked for while any runs
+
+
+def idle_time() -> float:
+    """PYSHIM_TEMPLATE_IDLE, or IDLE_DEFAULT when it is unset or not a number >= 0."""
+    try:
+        seconds = float(os.environ.get(IDLE_ENV, ""))
+    except ValueError:
+        return IDLE_DEFAULT
+    return seconds if 0 <= seconds < float("inf") else IDLE_DEFAULT
 
 
 def spawn_template(path: str, program: str, containerd_address: str) -> None:
@@ -41,18 +58,20 @@ def spawn_template(path: str, program: str, containerd_address: str) -> None:
     if listener is None:
         return
     identity = os.stat(path).st_ino
+    containerd = os.pidfd_open(os.getppid())  # containerd runs the shims: it is our parent
     if os.fork() == 0:
         code = 1
         try:
             detach()
-            # Keep only the listener: an inherited fd such as the first daemon's shim socket
-            # would keep that socket connectable (a hang, not a refusal) after the daemon died.
-            close_all_except([0, 1, 2, listener.fileno()])
-            code = _serve_template(listener, identity, program, containerd_address)
+            # Keep only these: an inherited fd such as the first daemon's shim socket would
+            # keep that socket connectable (a hang, not a refusal) after the daemon died.
+            close_all_except([0, 1, 2, listener.fileno(), containerd])
+            code = _serve_template(listener, identity, program, containerd_address, containerd)
         finally:
             _unlink_if_ours(path, identity)  # also when the imports failed
             os._exit(code)
     listener.close()
+    os.close(containerd)
 
 
 def _unlink_if_ours(path: str, identity: int) -> None:
@@ -63,8 +82,9 @@ def _unlink_if_ours(path: str, identity: int) -> None:
 
 
 def _serve_template(
-    listener: socket.socket, identity: int, program: str, containerd_address: str
+    listener: socket.socket, identity: int, program: str, containerd_address: str, containerd: int
 ) -> int:
+    """Serve until idle or until ``containerd`` (a pidfd) has exited."""
     set_comm(TEMPLATE_COMM)
     set_cmdline([program, "-address", containerd_address, "template"])
     binary = os.path.basename(program)
@@ -86,36 +106,40 @@ def _serve_template(
                 children.discard(pid)
 
     path = listener.getsockname()
-    listener.settimeout(IDLE_EXIT / 4)
+    listener.setblocking(False)
+    poller = select.poll()
+    for fd in (listener.fileno(), containerd):
+        poller.register(fd, select.POLLIN)
+    idle = idle_time()
     idle_since = time.monotonic()
     while True:
-        try:
-            conn, _ = listener.accept()
-        except TimeoutError:
-            pass
-        else:
-            with conn:
-                pid = _fork_child(conn, listener)
-            if pid:
-                children.add(pid)
-            idle_since = time.monotonic()
+        wait = REAP_INTERVAL if children else idle_since + idle - time.monotonic()
+        ready = {fd for fd, _events in poller.poll(max(wait, 0) * 1000)}
+        if containerd in ready:
+            break  # gone: no one will ask this template again
+        if listener.fileno() in ready:
+            with contextlib.suppress(BlockingIOError):  # the client left before we accepted
+                conn, _ = listener.accept()
+                with conn:
+                    pid = _fork_child(conn, listener, containerd)
+                if pid:
+                    children.add(pid)
         reap()
-        if children:
+        if children or ready:
             idle_since = time.monotonic()
-        elif time.monotonic() - idle_since > IDLE_EXIT:
+        elif time.monotonic() - idle_since >= idle:
             break
     # New requests must spawn a new template; those already queued are still served.
     _unlink_if_ours(path, identity)
-    listener.setblocking(False)
     with contextlib.suppress(BlockingIOError):
         while True:
             conn, _ = listener.accept()
             with conn:
-                _fork_child(conn, listener)
+                _fork_child(conn, listener, containerd)
     return 0
 
 
-def _fork_child(conn: socket.socket, listener: socket.socket) -> int:
+def _fork_child(conn: socket.socket, listener: socket.socket, containerd: int) -> int:
     """Take one relayed command and fork the child that does it; its pid, or 0 if not taken."""
     conn.settimeout(REPLY_TIMEOUT)
     try:
@@ -137,6 +161,7 @@ def _fork_child(conn: socket.socket, listener: socket.socket) -> int:
     code = 1
     try:
         listener.close()
+        os.close(containerd)
         os.setsid()
         for target, fd in zip(STDIO, fds, strict=True):
             os.dup2(fd, target)

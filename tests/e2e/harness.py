@@ -469,6 +469,7 @@ class PrivateContainerd:
 
     def close(self) -> None:
         """Remove tasks and containers, stop containerd and our shims, clean the temp dir."""
+        stayed: list[int] = []
         try:
             if self._process is not None and self._process.poll() is None:
                 with contextlib.suppress(Exception):
@@ -478,15 +479,18 @@ class PrivateContainerd:
             for pid in self.shim_pids():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            # A template with no shim left exits by itself and removes its socket; a killed
-            # one would leave the socket file in /run/containerd/s.
+            # A template exits by itself once its containerd is gone, and removes its socket;
+            # a killed one would leave the socket file in /run/containerd/s.
             wait_until(lambda: not self.shim_pids(include_templates=True), timeout=5)
-            for pid in self.shim_pids(include_templates=True):
+            stayed = self.shim_pids(include_templates=True)
+            for pid in stayed:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             detach_mounts(mounts_under(self.base))
             shutil.rmtree(self.base, ignore_errors=True)
             self._remove_namespace_dirs()
+        if stayed:
+            raise RuntimeError(f"shim templates {stayed} outlived their containerd (killed)")
 
     def _remove_namespace_dirs(self) -> None:
         """runc/runsc state roots and the cgroup parents named after our namespace outlive
@@ -767,7 +771,9 @@ class PrivateContainerd:
             if not entry.name.isdigit():
                 continue
             argv, env = process_args(int(entry.name))
-            if not any(Path(a).name.startswith("containerd-shim-") for a in argv[:2]):
+            # argv[:3]: `python <console script>`, and the launcher's fallback
+            # `python pyshim-shim <shim>` (a daemon it forked shows that until it renames)
+            if not any(Path(a).name.startswith("containerd-shim-") for a in argv[:3]):
                 continue
             if not include_templates and process_comm(int(entry.name)) == TEMPLATE_COMM:
                 continue
@@ -776,11 +782,9 @@ class PrivateContainerd:
         return pids
 
     def leftovers(self) -> list[str]:
-        """What a finished test left behind: shim processes, mounts, FIFO dirs."""
-        problems = [
-            f"shim process {pid}: {process_args(pid)[0]}"
-            for pid in self.shim_pids(include_templates=True)
-        ]
+        """What a finished test left behind: shim processes, mounts, FIFO dirs. Not a template:
+        it stays for its idle time (close() checks that it goes with containerd)."""
+        problems = [f"shim process {pid}: {process_args(pid)[0]}" for pid in self.shim_pids()]
         problems += [f"mount {point}" for point in mounts_under(self.base)]
         problems += [f"FIFO dir {entry}" for entry in sorted(self.fifo_dir.iterdir())]
         return problems

@@ -34,7 +34,7 @@ from shim.relay import (
     relay,
     template_path,
 )
-from shim.template import IDLE_EXIT, TEMPLATE_COMM, spawn_template
+from shim.template import IDLE_DEFAULT, IDLE_ENV, TEMPLATE_COMM, idle_time, spawn_template
 from shim.ttrpc.client import Client
 
 SHIM_NAME = "containerd-shim-pyrunc-v1"
@@ -107,7 +107,9 @@ class Shims:
         self.argv = client_argv(shim_bin, client)
         self.program = self.argv[-1]
         self.address = f"/pyshim-template-unit-{os.getpid()}-{name}-{client}.sock"
+        # Idle 0: the template leaves with the test's last daemon.
         self.env = {"PATH": os.environ["PATH"], "TTRPC_ADDRESS": self.address + ".ttrpc"}
+        self.env[IDLE_ENV] = "0"
 
     def run(self, task_id: str, action: str) -> subprocess.CompletedProcess[bytes]:
         bundle = self.tmp_path / task_id
@@ -143,6 +145,7 @@ def test_daemons_share_one_template_which_exits_when_idle(
     tmp_path: Path, shim_bin: Path, client: str
 ) -> None:
     shims = Shims(tmp_path, "idle", shim_bin, client)
+    shims.env[IDLE_ENV] = "1"
     started = {task_id: shims.start(task_id) for task_id in ("a", "b")}
     daemons = [pid for _printed, pid in started.values()]
     template = parent_of(daemons[0])
@@ -155,7 +158,58 @@ def test_daemons_share_one_template_which_exits_when_idle(
     assert api.DeleteResponse.FromString(deleted.stdout).exit_status == 137
 
     shims.stop(started)
-    assert wait_gone(template, timeout=IDLE_EXIT + 10)
+    assert wait_gone(template, timeout=1 + 10)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("client", CLIENTS)
+def test_the_template_exits_at_once_when_its_containerd_is_gone(
+    tmp_path: Path, shim_bin: Path, client: str
+) -> None:
+    """However long its idle time, and with a daemon still running (which stays)."""
+    shims = Shims(tmp_path, "gone", shim_bin, client)
+    shims.env[IDLE_ENV] = "3600"
+    bundle = tmp_path / "a"
+    bundle.mkdir()
+    (bundle / "config.json").write_text("{}")
+    flags = ["-namespace", "unit", "-address", shims.address, "-id", "a", "start"]
+    # A stand-in containerd: the shell runs `start`, then waits until its stdin closes.
+    containerd = subprocess.Popen(
+        ["sh", "-c", '"$@" </dev/null >printed && cat >/dev/null', "sh", *shims.argv, *flags],
+        cwd=bundle,
+        env=shims.env,
+        stdin=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while not (bundle / "shim.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    daemon = int((bundle / "shim.pid").read_text())
+    template = parent_of(daemon)
+    assert comm(template) == TEMPLATE_COMM
+    assert containerd.stdin is not None
+    containerd.stdin.close()
+    assert containerd.wait(timeout=10) == 0
+    assert wait_gone(template, timeout=10)
+    shims.stop({"a": ((bundle / "printed").read_text(), daemon)})
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (None, IDLE_DEFAULT),
+        ("0", 0.0),
+        ("2.5", 2.5),
+        *((bad, IDLE_DEFAULT) for bad in ("-1", "x", "inf", "nan")),
+    ],
+)
+def test_idle_time_is_a_setting(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, seconds: float
+) -> None:
+    if value is None:
+        monkeypatch.delenv(IDLE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(IDLE_ENV, value)
+    assert idle_time() == seconds
 
 
 @given(
