@@ -423,6 +423,37 @@ def test_clients_read_the_templates_replies_as_documented(
     assert bool(done.stderr) == (code is None), done.stderr
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["-namespace", "n", "-address", "{A}", "-id", "x", "delete"],
+        ["--address={A}", "-debug", "start"],
+        ["-debug=false", "-publish-binary", "/c", "-address", "{A}", "-unknown", "delete"],
+        ["-address", "/elsewhere.sock", "-address", "{A}", "-v=false", "--info=0", "start"],
+        ["-publish_binary=/c", "---address", "{A}", "delete", "-v"],
+    ],
+)
+def test_clients_find_the_template_of_the_address_flag(
+    tmp_path: Path, shim_bin: Path, client: str, flags: list[str]
+) -> None:
+    """Go flag syntax, read by shim.flags and by the launcher's own parser alike."""
+    if os.geteuid() != 0:
+        pytest.skip(f"the template socket is under {SOCKET_DIR}, which needs root")
+    argv = client_argv(shim_bin, client)
+    address = f"/pyshim-template-flags-{os.getpid()}-{client}.sock"
+    flags = [flag.replace("{A}", address) for flag in flags]
+    template = FakeTemplate(address, argv[-1])
+    try:
+        answering = ThreadWithResult(template.answer, encode_reply(1), encode_reply(7))
+        done = subprocess.run([*argv, *flags], cwd=tmp_path, capture_output=True, timeout=30)
+        answering.result()
+    finally:
+        template.close()
+    assert done.returncode == 7, done.stderr
+    assert template.requests[0][0] == [argv[-1], *flags]
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("client", CLIENTS)
 def test_a_killed_template_is_replaced_and_its_daemons_keep_serving(
