@@ -44,6 +44,19 @@ class CriClient:
     def close(self) -> None:
         self.channel.close()
 
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Until the CRI plugin answers Status: after a containerd (re)start, it serves the
+        gRPC socket a moment before its own state is loaded ("server is not initialized")."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.call("Status", cri.StatusRequest(), timeout=5)
+                return
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
     def call(self, method: str, request: Any, timeout: float = CALL_TIMEOUT) -> Any:
         return getattr(self.runtime, method)(request, timeout=timeout)
 

@@ -50,7 +50,7 @@ def wasm_workload(image: str) -> Workload:
         image=image,
         say=lambda out, err, code: ["/say.wasm", out, err, str(code)],
         sleep=["/sleep.wasm"],
-        tick=[],
+        tick=["/tick.wasm"],
     )
 
 
@@ -183,6 +183,7 @@ def test_stop_container_of_a_module(cri: CriClient, wasm_image: str) -> None:
 # cgroup, only the sandbox has one, and the sentry's memory.limit_in_bytes is a stub), so the
 # container would grow until the host ran out of memory (README, Use with Kubernetes).
 # pywasm's OOM test is in test_wasm_pods.py.
+@pytest.mark.cgroup
 @pytest.mark.parametrize("oom_handler", ["pyrunc", "runc"])
 def test_memory_limit_gives_oomkilled(
     cri: CriClient, oom_handler: str, containerd: PrivateContainerd
@@ -196,6 +197,7 @@ def test_memory_limit_gives_oomkilled(
     assert (status.exit_code, status.reason) == (137, "OOMKilled")
 
 
+@pytest.mark.cgroup
 def test_container_stats(cri: CriClient, handler: str, workload: Workload) -> None:
     pod = cri.run_pod(handler)
     container = cri.run_container(pod, workload.image, workload.sleep)
@@ -212,6 +214,7 @@ def test_container_stats(cri: CriClient, handler: str, workload: Workload) -> No
     assert listed[container].memory.working_set_bytes.value > 0
 
 
+@pytest.mark.cgroup
 def test_update_container_resources(
     containerd: PrivateContainerd, cri: CriClient, handler: str, workload: Workload
 ) -> None:
@@ -258,11 +261,9 @@ def container_cpu_shares(containerd: PrivateContainerd, container_id: str) -> in
     return int(cgroup_file(containerd, container_id, "cpu/cpu.shares", "").read_text())
 
 
-def test_reopen_container_log(
-    cri: CriClient, linux_handler: str, containerd: PrivateContainerd
-) -> None:
-    pod = cri.run_pod(linux_handler)
-    container = cri.run_container(pod, containerd.image, linux_workload(containerd.image).tick)
+def test_reopen_container_log(cri: CriClient, handler: str, workload: Workload) -> None:
+    pod = cri.run_pod(handler)
+    container = cri.run_container(pod, workload.image, workload.tick)
     log_path = Path(cri.container_status(container).status.log_path)
     assert wait_until(lambda: "tick2" in log_path.read_text(), timeout=20)
     rotated = log_path.with_name(log_path.name + ".1")
@@ -299,6 +300,7 @@ def test_containerd_restart_keeps_pods_running(
     container = cri.run_container(pod, workload.image, workload.sleep)
     shims = containerd.shim_pids()
     containerd.restart()
+    cri.wait_ready()
     assert containerd.shim_pids() == shims, "the pod's shim outlives containerd"
     assert wait_until(lambda: cri.state(container) == RUNNING, timeout=30)
     assert cri.pod_status(pod).status.state == cri_state_ready()

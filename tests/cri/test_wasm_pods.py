@@ -1,7 +1,7 @@
 """Wasm pods (`pywasm` handler): the pause container runs as a Linux container through runc,
 the app containers' WASI modules run on wasmtime in their own cgroups under the pod's cgroup
 parent, and one shim serves them all; what the kubelet does that needs a wasm program of its
-own (OOMKilled, log reopening). The behaviours every handler shares are in test_pods.py."""
+own (OOMKilled). The behaviours every handler shares are in test_pods.py."""
 
 from __future__ import annotations
 
@@ -126,17 +126,3 @@ def test_delete_after_a_shim_crash_cleans_up_the_pause_and_the_modules(
     assert wait_until(lambda: not cgroup_dirs(containerd, app), timeout=30)
     assert wait_until(lambda: not alive(pause) and not alive(runner), timeout=10)
     assert wait_until(lambda: cri.state(app) == 2, timeout=30)  # CONTAINER_EXITED
-
-
-def test_reopen_log_of_a_module_continues_in_a_new_file(cri: CriClient, wasm_image: str) -> None:
-    pod = cri.run_pod("pywasm")
-    container = cri.run_container(pod, wasm_image, ["/tick.wasm"])
-    log_path = Path(cri.container_status(container).status.log_path)
-    assert wait_until(lambda: "tick2" in log_path.read_text(), timeout=20)
-    rotated = log_path.with_name(log_path.name + ".1")
-    log_path.rename(rotated)  # as the kubelet's log rotation does
-    cri.reopen_log(container)
-    assert wait_until(lambda: log_path.is_file() and "tick" in log_path.read_text(), timeout=20)
-    last_rotated = int(rotated.read_text().split("tick")[-1].split()[0])
-    first_new = int(log_path.read_text().split("tick")[1].split()[0])
-    assert first_new > last_rotated
