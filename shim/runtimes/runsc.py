@@ -35,7 +35,6 @@ import logging
 import os
 import signal
 import time
-import tomllib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,13 +48,13 @@ from shim.runtimes.base import (
     ProcessStdio,
     Runtime,
 )
+from shim.runtimes.options import read_toml_config
 from shim.sys.reaper import Exit
 from shim.sys.spawn import CommandResult
 from shim.ttrpc.errors import Code, TtrpcError
 
 log = logging.getLogger(__name__)
 
-OPTIONS_URL = "runtimeoptions.v1.Options"
 CONFIG_TYPE_URL = "io.containerd.runsc.v1.options"  # what gVisor's docs tell CRI users to set
 DEFAULT_ROOT = "/run/containerd/runsc"
 SANDBOX_INIT_PID = 1  # the init's pid inside its sandbox
@@ -102,27 +101,8 @@ class RunscOptions(oci.CliOptions):
 
 
 def read_config(options: Any | None) -> dict[str, Any]:
-    """The runsc.toml that runtime options point to; {} without one. Other option types are
-    ignored (a shim must tolerate them); a named file that cannot be read is an error."""
-    if options is None or options.type_url != OPTIONS_URL:
-        if options is not None and options.type_url:
-            log.info("ignoring runtime options of type %s", options.type_url)
-        return {}
-    from shim.api.runtimeoptions.v1.api_pb2 import Options
-
-    decoded = Options.FromString(options.value)
-    if not decoded.config_path:
-        return {}
-    if decoded.type_url not in ("", CONFIG_TYPE_URL):
-        log.info("ignoring config file %s of type %s", decoded.config_path, decoded.type_url)
-        return {}
-    try:
-        with open(decoded.config_path, "rb") as f:
-            return tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise TtrpcError(
-            Code.INVALID_ARGUMENT, f"runsc config {decoded.config_path}: {exc}"
-        ) from exc
+    """The runsc.toml that runtime options point to; {} without one."""
+    return read_toml_config(options, ("", CONFIG_TYPE_URL), "runsc config")
 
 
 def _flag_value(value: object) -> str:
