@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +100,19 @@ class Container(ABC):
     async def kill_exec(self, exec_id: str, signal: int) -> bool:
         """Signal a running exec through the runtime, when its host pid is not the process
         itself (a runsc exec pid only waits for it). False: the service signals the pid."""
+        return False
+
+    async def delete_exec(self, exec_id: str) -> None:  # noqa: B027 - optional hook
+        """Called when an exited exec is deleted, for a runtime that holds its state."""
+
+    async def resize(self, exec_id: str, width: int, height: int) -> None:  # noqa: B027
+        """Called after the service resized the process's pty, for a runtime whose process
+        has its terminal elsewhere (a VM's guest)."""
+
+    def reports_oom(self, report: Callable[[], None]) -> bool:
+        """True if the backend reports the container's OOM kills through `report` itself,
+        before the init's exit (its processes are in no host cgroup); False: the service
+        watches the init's cgroup."""
         return False
 
     async def pause(self) -> None:

@@ -99,6 +99,11 @@ def unmount_all(target: str) -> None:
             raise
 
 
+def detach(target: str) -> None:
+    """Lazy unmount (MNT_DETACH): gone from the tree now, released when no longer in use."""
+    _umount2(target, lib.MNT_DETACH)
+
+
 def _mount(spec: MountSpec, target: str, mounted: list[str]) -> None:
     if spec.type.startswith(("fuse.", "fuse3.")) or "loop" in spec.options:
         raise OSError(errno.ENOTSUP, f"{_describe(spec, target)}: fuse and loop are not supported")

@@ -325,6 +325,8 @@ class TaskService:
             self._publisher.publish(events.TaskStart(container_id=container.id, pid=init.pid))
 
     def _watch_oom(self, container: TaskContainer) -> None:
+        if container.backend.reports_oom(lambda: self._on_oom(container.id)):
+            return
         from shim.sys.cgroups import Cgroup
 
         try:
@@ -415,6 +417,7 @@ class TaskService:
         if process.is_init:
             await self._delete_container(container)
         else:
+            await container.backend.delete_exec(process.exec_id)
             del container.execs[process.exec_id]
         if process.io is not None:
             await process.io.close()
@@ -521,6 +524,7 @@ class TaskService:
             raise TtrpcError(Code.FAILED_PRECONDITION, "cannot resize a stopped process")
         if process.io is not None:
             process.io.resize(request.width, request.height)
+            await container.backend.resize(request.exec_id, request.width, request.height)
         return Empty()
 
     async def CloseIO(self, request: api.CloseIORequest, ctx: CallContext) -> Any:
