@@ -12,7 +12,12 @@ from setuptools import setup
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the package is not installed yet
 from shim.native.build import build_launchers
 
-SHIMS = ["containerd-shim-pyrunc-v1", "containerd-shim-pyrunsc-v1", "containerd-shim-pywasm-v1"]
+SHIMS = [
+    "containerd-shim-pyrunc-v1",
+    "containerd-shim-pyrunsc-v1",
+    "containerd-shim-pywasm-v1",
+    "containerd-shim-pykata-v1",
+]
 
 
 class CopyExecutables(build_scripts):

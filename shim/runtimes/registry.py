@@ -18,6 +18,7 @@ _BUILTIN = {
     "pyrunc": "shim.runtimes.runc:RuncRuntime",
     "pyrunsc": "shim.runtimes.runsc:RunscRuntime",
     "pywasm": "shim.runtimes.wasm:WasmRuntime",
+    "pykata": "shim.runtimes.kata:KataRuntime",
 }
 
 

@@ -95,7 +95,7 @@ def runtimes(text: str, plugin: str) -> dict[str, Any]:
 
 
 def test_builtin_backends() -> None:
-    assert builtin_runtime_names() == ("pyrunc", "pyrunsc", "pywasm")
+    assert builtin_runtime_names() == ("pyrunc", "pyrunsc", "pywasm", "pykata")
 
 
 @pytest.mark.parametrize(
@@ -118,6 +118,7 @@ def test_drop_in_text(version: int, plugin: str, header: str) -> None:
             "options": {"TypeUrl": "io.containerd.runsc.v1.options", "ConfigPath": "/etc/r.toml"},
         },
         "pywasm": {"runtime_type": "io.containerd.pywasm.v1"},
+        "pykata": {"runtime_type": "io.containerd.pykata.v1"},
     }
 
 
@@ -152,7 +153,7 @@ def test_install_then_again_changes_nothing(node: Node, capsys: pytest.CaptureFi
         name = f"containerd-shim-{backend}-v1"
         assert os.readlink(node.bin_dir / name) == str(SCRIPTS / name)
     text = node.drop_in.read_text()
-    assert set(runtimes(text, CRI_V2)) == {"runc", "pyrunc", "pyrunsc", "pywasm"}
+    assert set(runtimes(text, CRI_V2)) == {"runc", "pyrunc", "pyrunsc", "pywasm", "pykata"}
     assert "[runsc_config]" in node.runsc_config.read_text()
     installed = node.snapshot()
 
@@ -169,7 +170,7 @@ def test_containerd_2_gets_version_3(tmp_path: Path) -> None:
     assert node.run("install") == 0
     text = node.drop_in.read_text()
     assert tomllib.loads(text)["version"] == 3
-    assert set(runtimes(text, CRI_V3)) == {"pyrunc", "pyrunsc", "pywasm"}
+    assert set(runtimes(text, CRI_V3)) == {"pyrunc", "pyrunsc", "pywasm", "pykata"}
 
 
 def test_containerd_2_with_a_version_2_config_gets_version_2(tmp_path: Path) -> None:
@@ -177,7 +178,8 @@ def test_containerd_2_with_a_version_2_config_gets_version_2(tmp_path: Path) -> 
     assert node.run("install") == 0
     text = node.drop_in.read_text()
     assert tomllib.loads(text)["version"] == 2
-    assert set(runtimes(text, CRI_V2)) == {"pyrunc", "pyrunsc", "pywasm"}  # 2.x merges deeply
+    # 2.x merges deeply
+    assert set(runtimes(text, CRI_V2)) == {"pyrunc", "pyrunsc", "pywasm", "pykata"}
 
 
 def test_missing_import_stops_before_any_change(

@@ -1,0 +1,74 @@
+"""The VM's settings: a TOML file named by the runtime options (``ctr --runtime-config-path``,
+CRI ``ConfigPath``), its ``[vm]`` table over the defaults; the spec's limits add to them.
+
+    [vm]
+    vcpus = 1              # before the spec's CPU quota is added
+    memory_mb = 512        # before the spec's memory limit is added
+    kernel_args = []       # appended to the kernel command line
+    accel = "auto"         # kvm | tcg | auto (probe once, cached)
+    kernel_dir = ""        # where scripts/fetch-kernel unpacked the kernel; "" = <repo>/var/kernel
+    busybox = "/bin/busybox"
+    boot_timeout = 120.0   # seconds until the guest agent answers
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from shim.runtimes.options import read_toml_config
+from shim.ttrpc.errors import Code, TtrpcError
+
+CONFIG_TYPE_URL = "io.containerd.pykata.v1.options"
+REPO = Path(__file__).resolve().parents[2]  # the guest runs this package from the host's copy
+MAX_VCPUS = os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class KataConfig:
+    vcpus: int = 1
+    memory_mb: int = 512
+    kernel_args: tuple[str, ...] = ()
+    accel: str = "auto"
+    kernel_dir: str = str(REPO / "var" / "kernel")
+    busybox: str = "/bin/busybox"
+    boot_timeout: float = 120.0
+
+    @classmethod
+    def from_options(cls, options: Any | None) -> KataConfig:
+        table = read_toml_config(options, ("", CONFIG_TYPE_URL), "pykata config").get("vm", {})
+        return cls.from_table(table)
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> KataConfig:
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            if key not in known or (key == "accel" and value not in ("auto", "kvm", "tcg")):
+                raise TtrpcError(Code.INVALID_ARGUMENT, f"pykata config: bad [vm] {key}={value!r}")
+            values[key] = tuple(value) if key == "kernel_args" else value
+        if values.get("kernel_dir") == "":
+            del values["kernel_dir"]
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class VmSize:
+    vcpus: int
+    memory_mb: int
+
+
+def vm_size(config: KataConfig, spec: Mapping[str, Any]) -> VmSize:
+    """The VM of the container (the pod's sandbox under CRI) with this spec: the configured
+    size plus room for its CPU quota and memory limit, which its cgroup in the guest enforces."""
+    resources = spec.get("linux", {}).get("resources") or {}
+    cpu = resources.get("cpu") or {}
+    quota, period = cpu.get("quota") or 0, cpu.get("period") or 100_000
+    extra_vcpus = math.ceil(quota / period) if quota > 0 else 0
+    limit = (resources.get("memory") or {}).get("limit") or 0
+    extra_mb = math.ceil(limit / 2**20) if limit > 0 else 0
+    return VmSize(min(config.vcpus + extra_vcpus, MAX_VCPUS), config.memory_mb + extra_mb)

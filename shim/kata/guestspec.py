@@ -1,0 +1,73 @@
+"""The container's OCI spec as the guest runs it: every host path in it is replaced by its
+place in the VM's shared directory, or dropped.
+
+The host's spec names host things: bind-mount sources (CRI's hosts, resolv.conf, the pod's
+/dev/shm), namespace paths of the pod's sandbox (by the pid containerd knows, QEMU's), a
+cgroup path in the host's scheme, the host's AppArmor or SELinux labels and hooks (host
+binaries). In the guest, bind sources are the shared copies the host bound beside the rootfs,
+the sandbox's namespaces are those of its init in the guest, and the rest is left to the
+guest's defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from typing import Any
+
+SHARED_IN_GUEST = "/pyshim/shared"  # the VM's shared directory, mounted by 9p
+_PROC_NS = re.compile(r"/proc/(\d+)/ns/\w+")
+
+
+def is_bind(mount: Mapping[str, Any]) -> bool:
+    options = mount.get("options") or []
+    return mount.get("type") == "bind" or "bind" in options or "rbind" in options
+
+
+def shared_bind_name(index: int) -> str:
+    """The name, under the container's shared dir, of the copy of its `index`-th mount."""
+    return f"mounts/{index}"
+
+
+def container_dir_in_guest(container_id: str) -> str:
+    return f"{SHARED_IN_GUEST}/{container_id}"
+
+
+def guest_spec(
+    spec: Mapping[str, Any],
+    container_id: str,
+    *,
+    vm_pid: int,
+    sandbox_guest_pid: int | None,
+) -> dict[str, Any]:
+    """`spec` for the guest agent; its rootfs is given to the agent apart."""
+    guest = copy.deepcopy(dict(spec))
+    shared = container_dir_in_guest(container_id)
+    for index, mount in enumerate(guest.get("mounts") or []):
+        if is_bind(mount):
+            mount["source"] = f"{shared}/{shared_bind_name(index)}"
+    linux = guest.setdefault("linux", {})
+    namespaces = []
+    for namespace in linux.get("namespaces") or []:
+        match = _PROC_NS.fullmatch(namespace.get("path", ""))
+        if match and int(match[1]) == vm_pid and sandbox_guest_pid:
+            namespace["path"] = f"/proc/{sandbox_guest_pid}/ns/{namespace['path'].rsplit('/')[-1]}"
+        else:  # a host file (a CNI netns): the guest gives a fresh one
+            namespace.pop("path", None)
+        namespaces.append(namespace)
+    linux["namespaces"] = namespaces
+    linux["cgroupsPath"] = f"/pyshim/{container_id}"
+    linux.pop("mountLabel", None)
+    guest.pop("hooks", None)
+    if "process" in guest:
+        guest["process"] = guest_process(guest["process"])
+    return guest
+
+
+def guest_process(process: Mapping[str, Any]) -> dict[str, Any]:
+    """An exec's OCI Process without the host's security labels."""
+    guest = dict(process)
+    guest.pop("apparmorProfile", None)
+    guest.pop("selinuxLabel", None)
+    return guest

@@ -1,0 +1,140 @@
+"""Where a VM keeps its files on the host, and the cleanup that needs nothing but them.
+
+One directory per VM under /run/pyshim/kata: QEMU's pid, the agent's socket, the initrd, the
+logs, the guest's /etc and the shared directory (one subdirectory per container: its rootfs
+and its bind mounts, bound from the host). Each container's bundle names its VM's directory,
+so `delete` after a killed shim finds QEMU, the mounts and the sockets from the bundle alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shim.sys.mount import detach
+
+log = logging.getLogger(__name__)
+
+BASE_DIR = Path("/run/pyshim/kata")
+VM_FILE = "kata-vm"  # in a bundle: its VM's directory
+KILL_WAIT = 3.0  # QEMU ends at once on SIGKILL; `delete` has 5 s in all
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    root: Path
+
+    @classmethod
+    def for_group(cls, namespace: str, group: str) -> VmPaths:
+        # Short and fixed-length: the agent socket's path must fit sun_path.
+        digest = hashlib.sha256(f"{namespace}/{group}".encode()).hexdigest()[:16]
+        return cls(BASE_DIR / digest)
+
+    @property
+    def shared(self) -> Path:
+        return self.root / "shared"
+
+    @property
+    def guest_etc(self) -> Path:
+        return self.root / "etc"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.root / "agent.sock"
+
+    @property
+    def initrd(self) -> Path:
+        return self.root / "initrd"
+
+    @property
+    def console_log(self) -> Path:
+        return self.root / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.root / "qemu.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "qemu.pid"
+
+    def container_dir(self, container_id: str) -> Path:
+        return self.shared / container_id
+
+
+def record_vm(bundle: str, paths: VmPaths) -> None:
+    Path(bundle, VM_FILE).write_text(str(paths.root))
+
+
+def recorded_vm(bundle: str) -> VmPaths | None:
+    try:
+        return VmPaths(Path(Path(bundle, VM_FILE).read_text().strip()))
+    except OSError:
+        return None
+
+
+def mounts_under(prefix: Path) -> list[str]:
+    """Mount points at or below `prefix`, deepest first."""
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].replace("\\040", " ").replace("\\011", "\t")
+            if point == str(prefix) or point.startswith(f"{prefix}/"):
+                points.append(point)
+    return sorted(points, key=len, reverse=True)
+
+
+def unshare_container(paths: VmPaths, container_id: str) -> None:
+    """Detach the container's shared mounts (QEMU may hold files in them until the guest lets
+    go) and remove its shared directory."""
+    directory = paths.container_dir(container_id)
+    for point in mounts_under(directory):
+        with contextlib.suppress(OSError):
+            detach(point)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def qemu_pid(paths: VmPaths) -> int:
+    """The pid in the VM's pid file if that process is still this VM's QEMU, else 0: a pid
+    reused by another process is never signalled."""
+    try:
+        pid = int(paths.pid_file.read_text())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except (OSError, ValueError):
+        return 0
+    return pid if os.fsencode(paths.root) in cmdline else 0
+
+
+def has_containers(paths: VmPaths) -> bool:
+    try:
+        return any(paths.shared.iterdir())
+    except OSError:
+        return False
+
+
+def destroy_dead_vm(paths: VmPaths) -> None:
+    """After the shim is gone: SIGKILL QEMU (not our child: polled until gone), then remove
+    every mount and file of the VM."""
+    pid = qemu_pid(paths)
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + KILL_WAIT
+        while qemu_pid(paths) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    remove_vm_dir(paths)
+
+
+def remove_vm_dir(paths: VmPaths) -> None:
+    for point in mounts_under(paths.root):
+        with contextlib.suppress(OSError):
+            detach(point)
+    shutil.rmtree(paths.root, ignore_errors=True)

@@ -1,0 +1,262 @@
+"""One QEMU virtual machine with our guest agent, as the shim daemon runs it.
+
+The guest boots the Debian kernel with an initramfs of busybox, the 9p and virtio-serial
+modules and an init script (shim.vm); it mounts the host's /usr and this package's checkout
+read-only and the VM's shared directory read-write by 9p, and runs ``python -m shim.agent`` on a
+virtio-serial port whose host end is a unix socket QEMU listens on. QEMU is a child of the
+daemon, started through shim.sys.spawn so the one reaper learns its exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from shim.agent.client import AgentClient
+from shim.kata.config import REPO, KataConfig, VmSize
+from shim.kata.guestspec import SHARED_IN_GUEST
+from shim.kata.state import BASE_DIR, VmPaths, remove_vm_dir, unshare_container
+from shim.runtimes.base import ShimContext
+from shim.sys.mount import MountSpec, mount_rootfs
+from shim.sys.reaper import Exit
+from shim.sys.spawn import fork_call, spawn
+from shim.ttrpc.errors import Code, TtrpcError
+from shim.vm.accel import choose_accel
+from shim.vm.guest import GuestMount, GuestSetup, init_script
+from shim.vm.initramfs import initramfs
+from shim.vm.kernel import Kernel, find_kernel
+from shim.vm.qemu import Accel, SerialPort, Share, VmConfig, command_line, kernel_append
+
+log = logging.getLogger(__name__)
+
+AGENT_PORT = "agent.channel.0"
+SHARED_TAG = "pyshimShared"
+# 9p over virtio-pci, the agent's port, entropy for Python's start.
+MODULES = ("virtio_pci", "9pnet_virtio", "9p", "virtio_console", "virtio_rng")
+GUEST_ETC_FILES = ("ld.so.cache",)  # all the guest's programs need of the host's /etc
+ACCEL_CACHE = BASE_DIR / "accel.json"  # on tmpfs: probed again after a reboot
+_TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+
+class VmGone(TtrpcError):
+    def __init__(self) -> None:
+        super().__init__(Code.UNAVAILABLE, "the VM is gone")
+
+
+class Vm:
+    def __init__(self, context: ShimContext, paths: VmPaths, config: KataConfig) -> None:
+        self._context = context
+        self.paths = paths
+        self.config = config
+        self.accel: Accel = "tcg"
+        self.pid = 0
+        self.exited: asyncio.Future[Exit] | None = None
+        self._agent: AgentClient | None = None
+        self._oom_reporters: dict[str, Callable[[], None]] = {}
+        self._oom_seen = 0
+        self._oom_progress = asyncio.Condition()
+        self._oom_task: asyncio.Task[None] | None = None
+
+    @property
+    def agent(self) -> AgentClient:
+        if self._agent is None or self.exited is None or self.exited.done():
+            raise VmGone()
+        return self._agent
+
+    async def boot(self, size: VmSize) -> None:
+        """Start QEMU and wait until the agent answers; on failure nothing is left running."""
+        try:
+            kernel = find_kernel(Path(self.config.kernel_dir))
+        except FileNotFoundError as exc:
+            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
+        self.accel = await self._choose_accel(kernel)
+        self.paths.shared.mkdir(parents=True, exist_ok=True)
+        self._write_guest_files(kernel)
+        vm_config = VmConfig(
+            kernel=kernel.vmlinuz,
+            initrd=self.paths.initrd,
+            append=kernel_append(*self.config.kernel_args),
+            console_log=self.paths.console_log,
+            accel=self.accel,
+            memory_mb=size.memory_mb,
+            vcpus=size.vcpus,
+            shares=self._shares(),
+            serial_ports=[SerialPort(AGENT_PORT, self.paths.agent_socket)],
+        )
+        log_fd = os.open(self.paths.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            self.pid, self.exited = spawn(
+                self._context.reaper, command_line(vm_config), fds={1: log_fd, 2: log_fd}
+            )
+        finally:
+            os.close(log_fd)
+        self.paths.pid_file.write_text(str(self.pid))
+        log.info("VM %s: QEMU %d on %s, %s", self.paths.root.name, self.pid, self.accel, size)
+        try:
+            self._agent = await self._connect()
+        except BaseException:
+            await self.destroy()
+            raise
+        self._oom_task = asyncio.get_running_loop().create_task(self._watch_oom())
+
+    async def _choose_accel(self, kernel: Kernel) -> Accel:
+        forced = "" if self.config.accel == "auto" else self.config.accel
+        if forced:
+            return choose_accel(kernel, ACCEL_CACHE, forced)
+        # The probe boots a guest with subprocess: in a child, never in the daemon itself.
+        busybox = Path(self.config.busybox)
+        _, probed = fork_call(
+            self._context.reaper,
+            lambda: 0 if choose_accel(kernel, ACCEL_CACHE, busybox=busybox) == "kvm" else 1,
+            fds={},
+        )
+        return "kvm" if (await probed).status == 0 else "tcg"
+
+    def _write_guest_files(self, kernel: Kernel) -> None:
+        self.paths.guest_etc.mkdir(exist_ok=True)
+        for name in GUEST_ETC_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                (self.paths.guest_etc / name).write_bytes(Path("/etc", name).read_bytes())
+        modules = kernel.modules_in_load_order(MODULES)
+        image = initramfs(
+            Path(self.config.busybox).read_bytes(),
+            [(m.name, m.read_bytes()) for m in modules],
+            init_script(self._guest_setup([m.name for m in modules])),
+        )
+        self.paths.initrd.write_bytes(image)
+
+    def _shares(self) -> list[Share]:
+        shares = [Share(SHARED_TAG, self.paths.shared, readonly=False)]
+        shares.append(Share("etc", self.paths.guest_etc))
+        shares += [Share(f"host{i}", path) for i, path in enumerate(_host_dirs())]
+        return shares
+
+    def _guest_setup(self, modules: list[str]) -> GuestSetup:
+        mounts = [GuestMount(SHARED_TAG, SHARED_IN_GUEST, readonly=False)]
+        mounts.append(GuestMount("etc", "/etc"))
+        mounts += [GuestMount(f"host{i}", str(path)) for i, path in enumerate(_host_dirs())]
+        symlinks = [(f"/{n}", os.readlink(f"/{n}")) for n in _TOP_LEVEL if os.path.islink(f"/{n}")]
+        agent = [sys.executable, "-m", "shim.agent", "--device", "$port"]
+        if self._context.debug:
+            agent.append("--debug")
+        find_port = (
+            "for p in /sys/class/virtio-ports/*; do"
+            f' [ "$(cat $p/name)" = {AGENT_PORT} ] && port=/dev/${{p##*/}}; done'
+        )
+        command = f"{find_port}; cd {shlex.quote(str(REPO))} && {' '.join(agent)}"
+        return GuestSetup(
+            modules=modules,
+            mounts=mounts,
+            command=command,
+            symlinks=symlinks,
+            environment=[("PYTHONDONTWRITEBYTECODE", "1")],  # the checkout is read-only
+        )
+
+    async def _connect(self) -> AgentClient:
+        assert self.exited is not None
+        connecting = asyncio.ensure_future(
+            AgentClient.connect(str(self.paths.agent_socket), timeout=self.config.boot_timeout)
+        )
+        racing: list[asyncio.Future[Any]] = [connecting, self.exited]
+        done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        if connecting in done:
+            try:
+                return connecting.result()
+            except TimeoutError as exc:
+                raise TtrpcError(Code.DEADLINE_EXCEEDED, f"VM did not boot: {exc}") from exc
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await connecting
+        problem = self.paths.qemu_log.read_text(errors="replace").strip()[-500:]
+        raise TtrpcError(Code.UNKNOWN, f"QEMU exited while booting: {problem}")
+
+    # -- containers' files ---------------------------------------------------------------------
+
+    def share(self, container_id: str, rootfs: str, binds: dict[str, str]) -> None:
+        """Bind the rootfs and each bind source (name under the container's dir -> host path)
+        into the shared directory."""
+        directory = self.paths.container_dir(container_id)
+        try:
+            (directory / "rootfs").mkdir(parents=True)
+            _bind(rootfs, directory / "rootfs")
+            for name, source in binds.items():
+                target = directory / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if os.path.isdir(source):
+                    target.mkdir()
+                else:
+                    target.touch()
+                _bind(source, target)
+        except OSError as exc:
+            unshare_container(self.paths, container_id)
+            raise TtrpcError(
+                Code.UNKNOWN, f"cannot share {container_id} with the VM: {exc}"
+            ) from exc
+
+    # -- OOM events ----------------------------------------------------------------------------
+
+    def report_oom(self, container_id: str, report: Callable[[], None]) -> None:
+        self._oom_reporters[container_id] = report
+
+    def forget(self, container_id: str) -> None:
+        self._oom_reporters.pop(container_id, None)
+
+    async def _watch_oom(self) -> None:
+        try:
+            while True:
+                event = await self.agent.wait_oom(self._oom_seen)
+                reporter = self._oom_reporters.get(event.container_id)
+                if reporter is not None:
+                    reporter()
+                async with self._oom_progress:
+                    self._oom_seen = event.sequence
+                    self._oom_progress.notify_all()
+        except TtrpcError as exc:  # the VM is gone: nothing more will come
+            log.debug("OOM watch ends: %s", exc)
+        finally:
+            async with self._oom_progress:
+                self._oom_task = None
+                self._oom_progress.notify_all()
+
+    async def oom_reported(self, sequence: int) -> None:
+        """Until every OOM event up to `sequence` was reported (or none can be any more)."""
+        async with self._oom_progress:
+            await self._oom_progress.wait_for(
+                lambda: self._oom_seen >= sequence or self._oom_task is None
+            )
+
+    # -- the end ---------------------------------------------------------------------------
+
+    async def destroy(self) -> None:
+        """SIGKILL QEMU (the guest holds nothing worth a clean shutdown once its containers are
+        removed) and remove the VM's files."""
+        if self.exited is not None and not self.exited.done():
+            os.kill(self.pid, signal.SIGKILL)  # our child until reaped: never a reused pid
+        if self.exited is not None:
+            await self.exited
+        if self._oom_task is not None:
+            self._oom_task.cancel()
+        if self._agent is not None:
+            await self._agent.close()
+        remove_vm_dir(self.paths)
+
+
+def _host_dirs() -> list[Path]:
+    """What the guest shares read-only: /usr (Python, runc), the checkout of this package, and
+    the top-level directories of a host whose / is not merged into /usr."""
+    dirs = [Path("/usr"), REPO]
+    return dirs + [
+        Path("/", n) for n in _TOP_LEVEL if not os.path.islink(f"/{n}") and os.path.isdir(f"/{n}")
+    ]
+
+
+def _bind(source: str, target: Path) -> None:
+    mount_rootfs([MountSpec("bind", source, "", ("rbind",))], str(target))
