@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 def launched() -> int:
     """``pyshim-shim ARGV0 ARGS...``: the native launcher's fallback (shim/native/launcher.c),
     which passes its own argv[0] first since the interpreter's argv replaces it."""
+    if len(sys.argv) < 2:
+        print("usage: pyshim-shim SHIM-PROGRAM [FLAGS] [ACTION]", file=sys.stderr)
+        return 2
     return main(sys.argv[1:])
 
 
