@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 OUTPUT_DRAIN_TIMEOUT = 2.0  # how long an exit waits for the last output to be copied
 EXIT_PUBLISH_TIMEOUT = 2.0  # how long Delete waits for the exit event to reach containerd
 EXEC_EXIT_GRACE = 10.0  # how long an init's exit waits for its execs' exits to go first
+KILL_REPLY_GRACE = 5.0  # how long an exit waits for the Kill that caused it to be answered
 PROCESS_DETAILS_URL = "containerd.runc.v1.ProcessDetails"
 VALID_SIGNALS = {0} | {int(s) for s in signal.valid_signals()}  # 0: does it exist?
 
@@ -87,6 +88,7 @@ class TaskContainer:
         self.rootfs = rootfs  # mounted by us, or "" when the client brought its own rootfs
         self.execs: dict[str, Process] = {}
         self.exit_published: asyncio.Future[bool] | None = None
+        self.kills: set[asyncio.Task[None]] = set()  # Kill calls still signalling
 
     def process(self, exec_id: str) -> Process:
         if not exec_id:
@@ -159,6 +161,11 @@ class TaskService:
     ) -> None:
         exit = await launched.exited
         async with process.lock:  # the start event of this process is queued first
+            if container.kills:
+                # A Kill is answered before the exit it caused is known: containerd 1.6's CRI
+                # deletes a task on its exit and closes that task's connection, failing a Kill
+                # still in flight there ("ttrpc: closed": StopPodSandbox fails).
+                await asyncio.wait(container.kills, timeout=KILL_REPLY_GRACE)
             if process.is_init:
                 await self._before_init_exit(container)
             if process.io is not None:
@@ -402,13 +409,20 @@ class TaskService:
             raise TtrpcError(Code.NOT_FOUND, "process already finished")
         if request.signal not in VALID_SIGNALS:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"invalid signal {request.signal}")
+        signalling = asyncio.ensure_future(self._signal(container, process, request))
+        container.kills.add(signalling)
+        signalling.add_done_callback(container.kills.discard)
+        await signalling
+        return Empty()
+
+    @staticmethod
+    async def _signal(container: TaskContainer, process: Process, request: api.KillRequest) -> None:
         if process.is_init:
             await container.backend.kill(request.signal, request.all)
         elif process.pid == 0 or process.exit is not None:
             process.signal(request.signal)  # refuses, saying why
         elif not await container.backend.kill_exec(process.exec_id, request.signal):
             process.signal(request.signal)
-        return Empty()
 
     async def Delete(self, request: api.DeleteRequest, ctx: CallContext) -> Any:
         container = self._container(request.id)

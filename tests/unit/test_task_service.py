@@ -42,7 +42,9 @@ class FakeContainer(Container):
         self._reaper = reaper
         self._config = config
         self._gate: int | None = None
+        self._init_pid = 0
         self.exec_pids: list[int] = []
+        self.kill_returns_after = 0.0  # like a runtime CLI that exits a while after signalling
 
     def _args(self) -> list[str]:
         spec = json.loads((Path(self._config.bundle) / "config.json").read_text())
@@ -55,6 +57,7 @@ class FakeContainer(Container):
             self._reaper, ["sh", "-c", script, "sh", *self._args()], fds={3: gate_read}
         )
         os.close(gate_read)
+        self._init_pid = pid
         return Launched(pid, exited)
 
     async def start(self) -> Launched | None:
@@ -70,7 +73,8 @@ class FakeContainer(Container):
         return Launched(pid, exited)
 
     async def kill(self, signal: int, all_processes: bool) -> None:
-        raise NotImplementedError("the tests signal processes directly")
+        os.kill(self._init_pid, signal)
+        await asyncio.sleep(self.kill_returns_after)
 
     async def delete(self, force: bool = False) -> None:
         if self._gate is not None:
@@ -200,6 +204,26 @@ def test_start_event_precedes_exit_of_a_process_that_exits_at_once(tmp_path: Pat
         for n in range(10):
             mine = names[n * 4 : n * 4 + 4]
             assert mine == ["TaskCreate", "TaskStart", "TaskExit", "TaskDelete"], names
+
+    run_scenario(tmp_path, scenario)
+
+
+def test_a_kill_is_answered_before_the_exit_it_caused_is_known(tmp_path: Path) -> None:
+    """containerd 1.6's CRI deletes a task when its exit arrives and closes that task's
+    connection: a Kill still unanswered then fails with "ttrpc: closed"."""
+
+    async def scenario(
+        service: TaskService, events: RecordingPublisher, runtime: FakeRuntime, _: Path
+    ) -> None:
+        await create(service, tmp_path, "c1", "sleep", "100")
+        await service.Start(api.StartRequest(id="c1"), CTX)
+        runtime.containers["c1"].kill_returns_after = 0.3
+        waiting = asyncio.ensure_future(service.Wait(api.WaitRequest(id="c1"), CTX))
+        await service.Kill(api.KillRequest(id="c1", signal=signal.SIGKILL), CTX)
+        assert "TaskExit" not in events.names(), "the exit went out before the Kill's answer"
+        assert not waiting.done()
+        assert (await waiting).exit_status == 137
+        assert events.names()[-1] == "TaskExit"
 
     run_scenario(tmp_path, scenario)
 
