@@ -52,6 +52,10 @@ def init_script(setup: GuestSetup) -> str:
         *(f"  insmod /lib/modules/{q(module)}" for module in setup.modules),
         "  mount -t tmpfs -o mode=0755 root /newroot",
     ]
+    # tmpfs before the shares: a share may lie below one (a host temp dir in /tmp).
+    for path in setup.tmpfs:
+        target = q("/newroot" + path)
+        lines.append(f"  mkdir -p {target} && mount -t tmpfs tmpfs {target}")
     for mount in setup.mounts:
         options = f"{NINEP_OPTIONS},{'ro,' + READONLY_CACHE if mount.readonly else 'rw'}"
         target = q("/newroot" + mount.path)
@@ -68,10 +72,6 @@ def init_script(setup: GuestSetup) -> str:
         "stage2() {",
         # Its own setup uses busybox's applets: the shares need not hold any tools.
         f"  bb={_STAGE_DIR}/busybox",
-        *(
-            f"  $bb mkdir -p {q(path)} && $bb mount -t tmpfs tmpfs {q(path)}"
-            for path in setup.tmpfs
-        ),
         "  $bb mkdir -p /dev/pts /dev/shm /sys/fs/cgroup",
         "  $bb mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts",
         "  $bb ln -sf pts/ptmx /dev/ptmx",

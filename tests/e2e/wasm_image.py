@@ -3,6 +3,7 @@ OCI image that holds them; used by test_wasm_shim.py and scripts/bench. Standard
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ IMAGE = "localhost/pyshim/wasm-tests:latest"
 SOURCES = Path(__file__).parent / "wasm"
 WASI_SYSROOT = Path("/usr/include/wasm32-wasi")
 GREETING = "greetings from the rootfs\n"
+PREBUILT_VARIABLE = "PYSHIM_WASM_TEST_IMAGE"
 
 
 def wasm_build_unusable_reason() -> str | None:
@@ -33,7 +35,12 @@ def build_programs(out: Path) -> list[str]:
 
 
 def build_image(work: Path) -> Path:
-    """Build the programs and the image IMAGE (with /data/greeting.txt) in work; its tar."""
+    """Build the programs and the image IMAGE (with /data/greeting.txt) in work; its tar.
+    PREBUILT_VARIABLE names a tar built earlier (scripts/vm-test builds it on the host: clang
+    takes minutes under emulation)."""
+    prebuilt = os.environ.get(PREBUILT_VARIABLE)
+    if prebuilt:
+        return Path(prebuilt)
     greeting = work / "greeting.txt"
     greeting.write_text(GREETING)
     image = work / "wasm-tests.tar"

@@ -76,6 +76,9 @@ def test_init_script_mounts_shares_and_cgroup2_then_runs_the_command() -> None:
     )
     assert "version=9p2000.L,msize=262144,rw out /newroot/mnt/out" in script
     assert "ln -s usr/bin /newroot/bin" in script
+    # A share below a tmpfs (a host temp dir in /tmp) is mounted after it, not hidden by it.
+    tmp = lines.index("  mkdir -p /newroot/tmp && mount -t tmpfs tmpfs /newroot/tmp")
+    assert tmp < next(i for i, line in enumerate(lines) if "host0 /newroot/usr" in line)
     assert "exec switch_root /newroot /.vm/busybox sh /.vm/init stage2" in script
     assert "mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup" in script
     assert "echo +$c > /sys/fs/cgroup/cgroup.subtree_control" in script
