@@ -184,7 +184,6 @@ def test_stop_container_of_a_module(cri: CriClient, wasm_image: str) -> None:
 # container would grow until the host ran out of memory (README, Use with Kubernetes).
 # pywasm's OOM test is in test_wasm_pods.py.
 @pytest.mark.cgroup
-@pytest.mark.cgroup
 @pytest.mark.parametrize("oom_handler", ["pyrunc", "runc"])
 def test_memory_limit_gives_oomkilled(
     cri: CriClient, oom_handler: str, containerd: PrivateContainerd
@@ -198,7 +197,6 @@ def test_memory_limit_gives_oomkilled(
     assert (status.exit_code, status.reason) == (137, "OOMKilled")
 
 
-@pytest.mark.cgroup
 @pytest.mark.cgroup
 def test_container_stats(cri: CriClient, handler: str, workload: Workload) -> None:
     pod = cri.run_pod(handler)
@@ -216,7 +214,6 @@ def test_container_stats(cri: CriClient, handler: str, workload: Workload) -> No
     assert listed[container].memory.working_set_bytes.value > 0
 
 
-@pytest.mark.cgroup
 @pytest.mark.cgroup
 def test_update_container_resources(
     containerd: PrivateContainerd, cri: CriClient, handler: str, workload: Workload
