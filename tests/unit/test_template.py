@@ -152,6 +152,7 @@ def test_daemons_share_one_template_which_exits_when_idle(
     assert parent_of(daemons[1]) == template
     assert comm(template) == TEMPLATE_COMM
     assert comm(daemons[0]) != TEMPLATE_COMM
+    assert "/_ssl." not in Path(f"/proc/{template}/maps").read_text()  # not imported: no TLS
 
     # `delete` (here of a never-created container) runs warm and prints a DeleteResponse.
     deleted = shims.run("a", "delete")
