@@ -149,6 +149,12 @@ def overlay_works(scratch: Path) -> bool:
     return mounted.returncode == 0
 
 
+def cgroup_hierarchies() -> list[Path]:
+    """The cgroup v2 root, or each v1 controller's hierarchy (and the v1 root's tmpfs)."""
+    root = Path("/sys/fs/cgroup")
+    return [root] + [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
+
+
 def shim_bin_dir(base: Path) -> Path:
     """A dir of links to every containerd-shim-py* console script of the venv."""
     bin_dir = base / "bin"
@@ -486,26 +492,44 @@ class PrivateContainerd:
             for pid in stayed:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+            orphans = self._kill_container_processes()
             detach_mounts(mounts_under(self.base))
             shutil.rmtree(self.base, ignore_errors=True)
             self._remove_namespace_dirs()
-        if stayed:
-            raise RuntimeError(f"shim templates {stayed} outlived their containerd (killed)")
+        problems = [f"shim templates {stayed} outlived their containerd"] if stayed else []
+        if orphans:
+            problems.append(f"container processes {orphans} outlived their shims")
+        if problems:
+            raise RuntimeError("; ".join(problems) + " (killed)")
+
+    def _kill_container_processes(self) -> list[int]:
+        """Processes left in our containers' cgroups once every shim is gone (the orphans of a
+        shim that crashed or was killed): killed, and returned so that the leak is reported."""
+        found = set()
+        for hierarchy in cgroup_hierarchies():
+            for procs in (hierarchy / self.cgroup_parent).glob("**/cgroup.procs"):
+                with contextlib.suppress(OSError):
+                    found.update(int(pid) for pid in procs.read_text().split())
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in found), timeout=10)
+        return sorted(found)
 
     def _remove_namespace_dirs(self) -> None:
         """runc/runsc state roots and the cgroup parents named after our namespace outlive
         their containers; they are empty once every container is gone (rmdir keeps any
         that are not, so a leak stays visible)."""
         runtime_roots = [Path("/run/containerd/runc"), Path("/run/containerd/runsc")]
-        cgroup_dirs = [Path("/sys/fs/cgroup")] + [
-            p for p in Path("/sys/fs/cgroup").iterdir() if p.is_dir()
-        ]
         for parent in runtime_roots:
             with contextlib.suppress(OSError):
                 (parent / self.namespace).rmdir()
-        for parent in cgroup_dirs:
-            with contextlib.suppress(OSError):
-                (parent / self.cgroup_parent).rmdir()
+        for hierarchy in cgroup_hierarchies():
+            ours = hierarchy / self.cgroup_parent
+            # Deepest first: a killed container's own cgroup (runc never deleted it) is empty.
+            for directory in sorted(ours.glob("**/"), key=lambda p: len(p.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
 
     # -- ctr -------------------------------------------------------------------------------
 
