@@ -8,21 +8,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from cri_client import CriClient
-from harness import PrivateContainerd
 
 HANDLERS = {"ours": "pyrunc", "go": "runc"}
 APP_CONTAINERS = 3  # per pod, for the memory row
 SLEEP = ["sleep", "100000"]
-
-
-@contextmanager
-def cri_client(ctrd: PrivateContainerd) -> Iterator[CriClient]:
-    cri = CriClient(ctrd.address, ctrd.cgroup_parent, ctrd.base / "pod-logs")
-    try:
-        yield cri
-    finally:
-        cri.remove_all()
-        cri.close()
 
 
 def pod_start(cri: CriClient, image: str, handler: str) -> float:

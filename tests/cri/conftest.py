@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
-from cri_client import CriClient
+from cri_client import CriClient, cri_client
 from harness import (
     DEFAULT_VERSION,
     HarnessError,
@@ -43,12 +43,8 @@ def containerd() -> Iterator[PrivateContainerd]:
 
 @pytest.fixture(scope="session")
 def cri(containerd: PrivateContainerd) -> Iterator[CriClient]:
-    client = CriClient(containerd.address, containerd.cgroup_parent, containerd.base / "pod-logs")
-    try:
+    with cri_client(containerd) as client:
         yield client
-    finally:
-        client.remove_all()
-        client.close()
 
 
 def runsc_state(containerd: PrivateContainerd, cri: CriClient) -> list[str]:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1.api_pb2_grpc import ImageServiceStub, RuntimeServiceStub
+from harness import PrivateContainerd
 
 NODE = cri.NamespaceMode.NODE
 CONTAINER = cri.NamespaceMode.CONTAINER
@@ -30,6 +32,17 @@ class Pod:
     @property
     def log_directory(self) -> Path:
         return Path(self.config.log_directory)
+
+
+@contextmanager
+def cri_client(containerd: PrivateContainerd) -> Iterator[CriClient]:
+    """A client of this containerd's CRI plugin; on exit every pod is removed."""
+    client = CriClient(containerd.address, containerd.cgroup_parent, containerd.base / "pod-logs")
+    try:
+        yield client
+    finally:
+        client.remove_all()
+        client.close()
 
 
 class CriClient:
