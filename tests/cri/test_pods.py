@@ -20,6 +20,8 @@ from cri_client import CriClient, Pod
 from harness import PrivateContainerd, wait_until
 from runsc_support import require_runsc
 
+from shim.wasm.cgroup import cpu_weight
+
 pytestmark = pytest.mark.timeout(240)
 
 HANDLERS = ["pyrunc", "pyrunsc", "pywasm", "runc"]
@@ -229,7 +231,7 @@ def test_update_container_resources(
     cri.update_resources(container, memory_limit_in_bytes=96 * MiB, cpu_shares=512)
     if handler in ("pyrunc", "runc", "pywasm"):  # their cgroup is the container's own
         assert container_memory_limit(containerd, container) == 96 * MiB
-        assert container_cpu_shares(containerd, container) == 512
+        assert container_cpu(containerd, container) == cpu_of_shares(512)
     assert cri.state(container) == RUNNING
 
 
@@ -253,12 +255,18 @@ def container_memory_limit(containerd: PrivateContainerd, container_id: str) -> 
     return int(path.read_text())
 
 
-def container_cpu_shares(containerd: PrivateContainerd, container_id: str) -> int:
+def container_cpu(containerd: PrivateContainerd, container_id: str) -> tuple[str, int]:
+    """("cpu.shares", value) on cgroup v1, ("cpu.weight", value) on v2."""
+    path = cgroup_file(containerd, container_id, "cpu/cpu.shares", "cpu.weight")
+    return path.name, int(path.read_text())
+
+
+def cpu_of_shares(shares: int) -> tuple[str, int]:
+    """What container_cpu reads after an update to `shares`: v2 has runc's weight for them
+    (not invertible: 512 shares are weight 20, which maps back to 500)."""
     if (Path("/sys/fs/cgroup") / "cgroup.controllers").is_file():
-        # runc maps shares to weight: 1 + ((shares - 2) * 9999) / 262142
-        weight = int(cgroup_file(containerd, container_id, "", "cpu.weight").read_text())
-        return 2 + (weight - 1) * 262142 // 9999
-    return int(cgroup_file(containerd, container_id, "cpu/cpu.shares", "").read_text())
+        return "cpu.weight", cpu_weight(shares)
+    return "cpu.shares", shares
 
 
 def test_reopen_container_log(cri: CriClient, handler: str, workload: Workload) -> None:
