@@ -24,7 +24,7 @@ from shim.wasm.cgroup import cpu_weight
 
 pytestmark = pytest.mark.timeout(240)
 
-HANDLERS = ["pyrunc", "pyrunsc", "pywasm", "runc"]
+HANDLERS = ["pyrunc", "pyrunsc", "pywasm", "pykata", "runc"]
 LINUX_HANDLERS = ["pyrunc", "pyrunsc", "runc"]
 RUNNING = api.ContainerState.CONTAINER_RUNNING
 MiB = 1024 * 1024
