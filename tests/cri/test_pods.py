@@ -19,6 +19,7 @@ from cri_api.v1 import api_pb2 as api
 from cri_client import CriClient, Pod
 from harness import PrivateContainerd, wait_until
 from runsc_support import require_runsc
+from vm_support import require_vm
 
 from shim.wasm.cgroup import cpu_weight
 
@@ -60,6 +61,8 @@ def wasm_workload(image: str) -> Workload:
 def handler(request: pytest.FixtureRequest) -> str:
     if request.param == "pyrunsc":
         require_runsc()
+    if request.param == "pykata":
+        require_vm()
     return str(request.param)
 
 

@@ -10,13 +10,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from harness import REPO, PrivateContainerd, mounts_under, wait_until
+from vm_support import require_vm
 
 from shim.kata.state import VmPaths, qemu_pid
 
@@ -28,13 +28,7 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module", autouse=True)
 def vm_capable() -> None:
-    """QEMU and a kernel, fetched if missing; skip when neither can be had."""
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed")
-    if not any((REPO / "var" / "kernel" / "boot").glob("vmlinuz-*")):
-        fetched = subprocess.run([REPO / "scripts" / "fetch-kernel"], capture_output=True)
-        if fetched.returncode != 0:
-            pytest.skip(f"no kernel for the VM: {fetched.stderr.decode().strip()}")
+    require_vm()
 
 
 def vm_of(containerd: PrivateContainerd, name: str) -> VmPaths:
