@@ -109,12 +109,18 @@ def test_stdin_reaches_the_module(containerd: PrivateContainerd) -> None:
 
 
 def test_fifty_megabytes_of_output_arrive(containerd: PrivateContainerd) -> None:
-    command = ("run", "--rm", "--runtime", RUNTIME, IMAGE, "big", "/write.wasm", "50")
-    ctr = containerd.start_ctr(*command, stdout=subprocess.PIPE)
-    out, err = ctr.communicate(timeout=90)
+    expected = 50 * 1024 * 1024
+    for attempt in range(2):
+        command = ("run", "--rm", "--runtime", RUNTIME, IMAGE, f"big{attempt}", "/write.wasm", "50")
+        ctr = containerd.start_ctr(*command, stdout=subprocess.PIPE)
+        out, err = ctr.communicate(timeout=90)
+        # ctr 1.6/1.7 can stop copying a task's output once it has exited, under load, with
+        # the Go shim too (PROTOCOL Q0, containerd#8643): one retry, only for an intact prefix.
+        if len(out) == expected or out.count(b"x") != len(out):
+            break
 
     assert ctr.returncode == 0, err
-    assert len(out) == 50 * 1024 * 1024
+    assert len(out) == expected
     assert out.count(b"x") == len(out)
 
 
