@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import shlex
@@ -43,7 +44,6 @@ SHARED_TAG = "pyshimShared"
 # 9p over virtio-pci, the agent's port, entropy for Python's start.
 MODULES = ("virtio_pci", "9pnet_virtio", "9p", "virtio_console", "virtio_rng")
 GUEST_ETC_FILES = ("ld.so.cache",)  # all the guest's programs need of the host's /etc
-ACCEL_CACHE = BASE_DIR / "accel.json"  # on tmpfs: probed again after a reboot
 _TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
 
@@ -74,6 +74,8 @@ class Vm:
 
     async def boot(self, size: VmSize) -> None:
         """Start QEMU and wait until the agent answers; on failure nothing is left running."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         try:
             kernel = find_kernel(Path(self.config.kernel_dir))
         except FileNotFoundError as exc:
@@ -100,23 +102,36 @@ class Vm:
         finally:
             os.close(log_fd)
         self.paths.pid_file.write_text(str(self.pid))
-        log.info("VM %s: QEMU %d on %s, %s", self.paths.root.name, self.pid, self.accel, size)
+        started = loop.time()
+        log.info(
+            "VM %s: QEMU %d on %s, %s, %.2f s to prepare",
+            self.paths.root.name,
+            self.pid,
+            self.accel,
+            size,
+            started - began,
+        )
         try:
             self._agent = await self._connect()
         except BaseException:
             await self.destroy()
             raise
-        self._oom_task = asyncio.get_running_loop().create_task(self._watch_oom())
+        log.info(
+            "VM %s: the agent answered %.2f s after QEMU started",
+            self.paths.root.name,
+            loop.time() - started,
+        )
+        self._oom_task = loop.create_task(self._watch_oom())
 
     async def _choose_accel(self, kernel: Kernel) -> Accel:
         forced = "" if self.config.accel == "auto" else self.config.accel
         if forced:
-            return choose_accel(kernel, ACCEL_CACHE, forced)
+            return choose_accel(kernel, accel_cache(kernel), forced)
         # The probe boots a guest with subprocess: in a child, never in the daemon itself.
         busybox = Path(self.config.busybox)
         _, probed = fork_call(
             self._context.reaper,
-            lambda: 0 if choose_accel(kernel, ACCEL_CACHE, busybox=busybox) == "kvm" else 1,
+            lambda: 0 if choose_accel(kernel, accel_cache(kernel), busybox=busybox) == "kvm" else 1,
             fds={},
         )
         return "kvm" if (await probed).status == 0 else "tcg"
@@ -260,6 +275,14 @@ class Vm:
         if self._agent is not None:
             await self._agent.close()
         remove_vm_dir(self.paths)
+
+
+def accel_cache(kernel: Kernel) -> Path:
+    """The probe's answer for this kernel, on tmpfs (probed again after a reboot). One file per
+    kernel: checkouts with kernels of their own would otherwise overwrite each other's answer,
+    and each container's boot would wait out a 20 s KVM probe."""
+    digest = hashlib.sha256(os.fsencode(kernel.vmlinuz.resolve())).hexdigest()[:16]
+    return BASE_DIR / f"accel-{digest}.json"
 
 
 def _host_dirs() -> list[Path]:
