@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from typing import Any
 
 from google.protobuf.any_pb2 import Any as AnyProto
@@ -31,7 +30,7 @@ from shim.runtimes.runc import OPTIONS_URL, RuncRuntime
 from shim.sys.cgroups import Cgroup
 from shim.sys.oom import OomWatcher
 from shim.task.process import Status
-from shim.task.service import check_id, json_object
+from shim.task.requests import check_id, json_object
 from shim.ttrpc.errors import Code, TtrpcError
 from shim.ttrpc.server import CallContext
 
@@ -70,7 +69,7 @@ class AgentService:
         self._containers: dict[str, AgentContainer] = {}
         self._busy: set[str] = set()  # ids being created or removed
         self._watchers: set[asyncio.Task[None]] = set()
-        self._instance = uuid.uuid4().hex
+        self._instance = os.urandom(16).hex()  # uuid would import platform
         self._oom_log = OomLog()
         self._oom = OomWatcher(asyncio.get_running_loop(), self._oom_log.record)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -38,6 +37,7 @@ from shim.sys.oom import OomWatcher
 from shim.sys.reaper import Exit, Reaper
 from shim.task.events import Publisher
 from shim.task.process import NOT_EXITED_SECONDS, STATUS_CODES, Process, Status, StdioRequest
+from shim.task.requests import check_id, json_object
 from shim.ttrpc.errors import Code, TtrpcError
 from shim.ttrpc.server import CallContext
 
@@ -58,23 +58,6 @@ def _timestamp(ns: int | None) -> Timestamp:
     else:
         stamp.FromNanoseconds(ns)
     return stamp
-
-
-def check_id(kind: str, value: str) -> None:
-    """Ids become file names in the bundle: refuse anything that could leave it."""
-    if not value or value in (".", "..") or "/" in value or "\0" in value:
-        raise TtrpcError(Code.INVALID_ARGUMENT, f"invalid {kind} {value!r}")
-
-
-def json_object(data: bytes, what: str) -> dict[str, Any]:
-    """A JSON object sent by the client (an OCI spec or part of one)."""
-    try:
-        value = json.loads(data)
-    except ValueError as exc:
-        raise TtrpcError(Code.INVALID_ARGUMENT, f"{what} is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise TtrpcError(Code.INVALID_ARGUMENT, f"{what} must be a JSON object")
-    return value
 
 
 class TaskContainer:
