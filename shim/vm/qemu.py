@@ -49,6 +49,7 @@ class VmConfig:
     vcpus: int = 1
     shares: Sequence[Share] = ()
     serial_ports: Sequence[SerialPort] = ()
+    tcg_cache_mb: int = 0  # TCG's translation cache; 0: QEMU's default, 1 GiB (mapped lazily)
 
 
 def command_line(config: VmConfig, binary: str = QEMU_BINARY) -> list[str]:
@@ -57,7 +58,8 @@ def command_line(config: VmConfig, binary: str = QEMU_BINARY) -> list[str]:
         # The host CPU minus what this machine's KVM rejects ("failed to set MSR 0x10a").
         argv += ["-accel", "kvm", "-cpu", "host,-arch-capabilities"]
     else:
-        argv += ["-accel", "tcg,thread=multi", "-cpu", "max"]
+        cache = f",tb-size={config.tcg_cache_mb}" if config.tcg_cache_mb else ""
+        argv += ["-accel", f"tcg,thread=multi{cache}", "-cpu", "max"]
     argv += ["-machine", "q35", "-m", f"{config.memory_mb}M", "-smp", str(config.vcpus)]
     argv += ["-kernel", str(config.kernel), "-initrd", str(config.initrd)]
     argv += ["-append", config.append, "-nic", "none"]

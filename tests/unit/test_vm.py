@@ -121,6 +121,12 @@ def test_command_line_for_tcg_with_shares_and_a_serial_port(tmp_path: Path) -> N
     assert "socket,id=port0,path=/run/agent.sock,server=on,wait=off" in argv
 
 
+def test_command_line_caps_the_tcg_translation_cache_when_asked() -> None:
+    config = VmConfig(Path("k"), Path("i"), "", Path("c"), tcg_cache_mb=32)
+    argv = command_line(config)
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=multi,tb-size=32"
+
+
 def test_command_line_for_kvm_avoids_the_msr_this_host_rejects() -> None:
     config = VmConfig(Path("k"), Path("i"), "", Path("c"), accel="kvm")
     argv = command_line(config)
