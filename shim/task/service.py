@@ -94,6 +94,7 @@ class TaskService:
         self._request_shutdown = request_shutdown
         self._containers: dict[str, TaskContainer] = {}
         self._creating: set[str] = set()
+        self._shutdown_asked = False  # a Shutdown came while containers remained
         self._watchers: set[asyncio.Task[None]] = set()
         self._oom = OomWatcher(asyncio.get_running_loop(), self._on_oom)
 
@@ -447,6 +448,8 @@ class TaskService:
             unmount_all(container.rootfs)
         self._oom.remove(container.id)
         del self._containers[container.id]
+        if self._shutdown_asked and not self.has_containers():
+            asyncio.get_running_loop().call_soon(self._request_shutdown)
 
     async def Pids(self, request: api.PidsRequest, ctx: CallContext) -> Any:
         container = self._container(request.id)
@@ -538,7 +541,12 @@ class TaskService:
         )
 
     async def Shutdown(self, request: api.ShutdownRequest, ctx: CallContext) -> Any:
-        if not self.has_containers():
+        if self.has_containers():
+            # Kept for the last Delete: containerd 2.x sends one Shutdown per pod, after the
+            # sandbox's Delete, which can overtake its containers' Deletes (a dead gVisor
+            # sandbox ends them all at once); no Shutdown follows theirs.
+            self._shutdown_asked = True
+        else:
             # Reply first: containerd ignores "ttrpc: closed", but a clean reply is cheaper.
             asyncio.get_running_loop().call_soon(self._request_shutdown)
         return Empty()

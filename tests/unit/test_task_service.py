@@ -403,18 +403,33 @@ def test_shutdown_waits_for_the_last_container(tmp_path: Path) -> None:
         reaper = Reaper.install(asyncio.get_running_loop())
         runtime = FakeRuntime(ShimContext("test", "io.containerd.fake.v1", reaper))
         service = TaskService(runtime, RecordingPublisher(), lambda: requested.append(True))
-        try:
-            await create(service, tmp_path, "c", "sleep", "30")
-            await service.Shutdown(api.ShutdownRequest(id="c"), CTX)
-            await asyncio.sleep(0.05)
-            assert requested == []
-            await service.Start(api.StartRequest(id="c"), CTX)
-            state = await service.State(api.StateRequest(id="c"), CTX)
+
+        async def stop_and_delete(name: str) -> None:
+            await service.Start(api.StartRequest(id=name), CTX)
+            state = await service.State(api.StateRequest(id=name), CTX)
             os.kill(state.pid, signal.SIGKILL)
-            await service.Wait(api.WaitRequest(id="c"), CTX)
-            await service.Delete(api.DeleteRequest(id="c"), CTX)
-            await service.Shutdown(api.ShutdownRequest(id="c"), CTX)
+            await service.Wait(api.WaitRequest(id=name), CTX)
+            await service.Delete(api.DeleteRequest(id=name), CTX)
             await asyncio.sleep(0.05)
+
+        try:
+            # As ctr with containerd 1.x: Delete, then Shutdown.
+            await create(service, tmp_path, "a", "sleep", "30")
+            await stop_and_delete("a")
+            assert requested == []
+            await service.Shutdown(api.ShutdownRequest(id="a"), CTX)
+            await asyncio.sleep(0.05)
+            assert requested == [True]
+            # A pod on containerd 2.x: the one Shutdown (after the sandbox's Delete) overtook
+            # a container's Delete; the shim goes with that last Delete.
+            requested.clear()
+            for name in ("pause", "app"):
+                await create(service, tmp_path, name, "sleep", "30")
+            await stop_and_delete("pause")
+            await service.Shutdown(api.ShutdownRequest(id="pause"), CTX)
+            await asyncio.sleep(0.05)
+            assert requested == [], "a container remains"
+            await stop_and_delete("app")
             assert requested == [True]
         finally:
             await service.close()
