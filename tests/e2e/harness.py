@@ -60,6 +60,7 @@ EXEC_THEN_KILL_TOPICS = [
 MARKER_TYPE_URL = b"containerd.events.ContainerDelete"
 MARKER_TOPIC = "/pyshim/marker"
 MNT_DETACH = 2
+SHIM_SOCKET_DIR = Path("/run/containerd/s")  # shim.relay.SOCKET_DIR (harness: stdlib only)
 TEMPLATE_COMM = "pyshim-template"  # shim.template.TEMPLATE_COMM (harness: stdlib only)
 
 
@@ -147,6 +148,16 @@ def overlay_works(scratch: Path) -> bool:
         run(["umount", str(dirs["merged"])], timeout=10)
     shutil.rmtree(scratch)
     return mounted.returncode == 0
+
+
+def listening(path: Path) -> bool:
+    """Whether a server accepts on the unix socket at path."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def cgroup_hierarchies() -> list[Path]:
@@ -448,11 +459,8 @@ class PrivateContainerd:
             raise HarnessError(
                 f"containerd exited with {self._process.returncode}; log:\n{self.log_tail()}"
             )
-        with socket.socket(socket.AF_UNIX) as sock:
-            try:
-                sock.connect(self.address)
-            except OSError:
-                return False
+        if not listening(Path(self.address)):
+            return False
         return self.ctr("version", check=False, timeout=10).returncode == 0
 
     def restart(self, sig: int = signal.SIGTERM, down_for: float = 0) -> None:
@@ -493,6 +501,7 @@ class PrivateContainerd:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             orphans = self._kill_container_processes()
+            self._remove_dead_shim_sockets()
             detach_mounts(mounts_under(self.base))
             shutil.rmtree(self.base, ignore_errors=True)
             self._remove_namespace_dirs()
@@ -501,6 +510,15 @@ class PrivateContainerd:
             problems.append(f"container processes {orphans} outlived their shims")
         if problems:
             raise RuntimeError("; ".join(problems) + " (killed)")
+
+    def _remove_dead_shim_sockets(self) -> None:
+        """The socket files of the shims we killed (a SIGKILL leaves them in
+        /run/containerd/s), found through the bundles' address files."""
+        for address in self.state.glob("io.containerd.runtime.v2.task/*/*/address"):
+            with contextlib.suppress(OSError):
+                path = Path(address.read_text().strip().removeprefix("unix://"))
+                if path.parent == SHIM_SOCKET_DIR and not listening(path):
+                    path.unlink()
 
     def _kill_container_processes(self) -> list[int]:
         """Processes left in our containers' cgroups once every shim is gone (the orphans of a
@@ -818,6 +836,8 @@ class PrivateContainerd:
         for pid in self.shim_pids(include_templates=True):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not self.shim_pids(include_templates=True), timeout=5)
+        self._remove_dead_shim_sockets()
         detach_mounts(mounts_under(self.base))
         for entry in self.fifo_dir.iterdir():
             shutil.rmtree(entry, ignore_errors=True)
