@@ -47,8 +47,8 @@ def containerd_version(binary: str) -> tuple[int, int]:
 
 def drop_in_version(major: int, declared: object, config: str) -> int:
     """The drop-in's config ``version``: containerd's own syntax (2 on 1.x, 3 on 2.x) unless the
-    main config declares an older one. ``declared`` is the main config's ``version`` (None when
-    the file does not exist yet).
+    main config declares an older one. ``declared`` is the main config's ``version`` (1 when it
+    has no such line, None when the file does not exist yet).
 
     2.x treats the main config as version 3 once any drop-in says 3 (a version-2 main config
     then loses its CRI settings, seen with 2.1.9), while it migrates a version-2 drop-in. 1.x

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,17 +30,37 @@ def read_text(path: Path) -> str:
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Replaces ``path`` atomically: containerd never reads half a file."""
+    """Replaces ``path`` atomically and durably: containerd never reads half a file, and a
+    power cut leaves the old file or the new one, never an empty one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.pyshim-tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.chmod(mode)
-    os.replace(temporary, path)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fchmod(file.fileno(), mode)
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def back_up_and_replace(path: Path, backup: Path, text: str) -> None:
     """Copies ``path`` to ``backup``, then replaces what it names (a symlink stays one)."""
     shutil.copy2(path, backup)
+    with open(backup, "rb") as copy:  # the backup is on disk before the original changes
+        os.fsync(copy.fileno())
     target = path.resolve()
     write_atomic(target, text, mode=target.stat().st_mode & 0o7777)
 

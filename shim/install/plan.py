@@ -68,7 +68,9 @@ def plan_install(settings: Settings) -> Plan:
     major, minor = containerd_version(binary)
     config = mainconfig.read(settings.config)
     doc = config[1] if config else {}
-    version = drop_in_version(major, doc.get("version"), str(settings.config))
+    # A file without a `version` line is version 1 to containerd; no file at all is none.
+    declared = doc.get("version", 1) if config else None
+    version = drop_in_version(major, declared, str(settings.config))
     steps = []
     if major == 2 and version == 2:
         steps.append(Step(f"note: {settings.config} is config version 2, so the drop-in is too"))

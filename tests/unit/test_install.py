@@ -358,3 +358,15 @@ def test_add_import_edits_minimally(text: str, expected: str) -> None:
 def test_add_import_refuses_an_unsafe_edit() -> None:
     with pytest.raises(ValueError, match="not written as an array"):
         add_import('imports = "a"\n', "/d/*.toml")
+
+
+def test_containerd_1_refuses_a_config_without_a_version_line(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No `version` line is config version 1, which containerd 1.x cannot combine with a
+    version 2 drop-in: it would no longer start."""
+    node.config.write_text(f'imports = ["{node.drop_in_dir}/*.toml"]\n')
+    before = node.snapshot()
+    assert node.run("install", "--add-import") == 1
+    assert "version 1" in capsys.readouterr().err
+    assert node.snapshot() == before
