@@ -213,6 +213,9 @@ def delete(flags: Flags, binary: str) -> int:
         # containerd 2.x runs `delete` only for the task that started a group's shim (the
         # others reused its bootstrap): every other task that shim served is orphaned too.
         for member_id, member_bundle in _group_members(bundle, flags.id):
+            socket_path = _shim_socket(member_bundle)
+            if socket_path and _is_alive(socket_path):
+                break  # a new shim of the group serves it (at the same address): it is live
             runtime.cleanup(flags.namespace, member_bundle, member_id)
 
     from google.protobuf.timestamp_pb2 import Timestamp
