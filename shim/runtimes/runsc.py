@@ -138,10 +138,17 @@ def wait_status(result: CommandResult) -> int | None:
 
 
 def _duplicate(stdio: ProcessStdio) -> ProcessStdio:
-    def dup(fd: int | None) -> int | None:
-        return None if fd is None else os.dup(fd)
-
-    return ProcessStdio(dup(stdio.stdin), dup(stdio.stdout), dup(stdio.stderr), stdio.terminal)
+    copies: list[int | None] = []
+    try:
+        for fd in (stdio.stdin, stdio.stdout, stdio.stderr):
+            copies.append(None if fd is None else os.dup(fd))
+    except OSError:
+        for copy in copies:
+            if copy is not None:
+                os.close(copy)
+        raise
+    stdin, stdout, stderr = copies
+    return ProcessStdio(stdin, stdout, stderr, stdio.terminal)
 
 
 def _close(stdio: ProcessStdio) -> None:
@@ -184,14 +191,19 @@ class SubcontainerExit:
     async def _wait(
         self, wait: Awaitable[CommandResult], kill_all: Callable[[], Awaitable[object]]
     ) -> None:
-        status = wait_status(await wait)
-        if status is None:  # runsc could not ask the sandbox: it died, with the container
-            status = await self._sandbox_status()
-            if status is None:
-                log.warning("runsc wait failed with the sandbox still running: killing")
-                await kill_all()
-                status = INTERNAL_ERROR_STATUS
-        self._set(status)
+        status: int | None = INTERNAL_ERROR_STATUS
+        try:
+            status = wait_status(await wait)
+            if status is None:  # runsc could not ask the sandbox: it died, with the container
+                status = await self._sandbox_status()
+                if status is None:
+                    log.warning("runsc wait failed with the sandbox still running: killing")
+                    status = INTERNAL_ERROR_STATUS
+                    await kill_all()
+        except Exception:
+            # Whatever went wrong, the exit is still published: a Wait must not hang.
+            log.exception("waiting for a sub-container")
+        self._set(INTERNAL_ERROR_STATUS if status is None else status)
 
     async def _sandbox_status(self) -> int | None:
         await asyncio.wait([self._sandbox_exited], timeout=SANDBOX_EXIT_GRACE)

@@ -217,3 +217,17 @@ def test_closing_a_sub_container_ends_its_wait_as_killed() -> None:
 
     final, wait_cancelled = asyncio.run(scenario())
     assert final.status == 137 and wait_cancelled
+
+
+def test_a_wait_that_cannot_run_still_ends_the_sub_container() -> None:
+    """`runsc wait` not started at all (no binary, no fds): the exit is still published."""
+
+    async def scenario() -> Exit:
+        loop = asyncio.get_running_loop()
+        exit = SubcontainerExit(SANDBOX_PID, loop.create_future())
+        failed: asyncio.Future[CommandResult] = loop.create_future()
+        failed.set_exception(OSError(24, "Too many open files"))
+        exit.follow(failed, _record_kill)
+        return await asyncio.wait_for(exit.future, 5)
+
+    assert asyncio.run(scenario()).status == INTERNAL_ERROR_STATUS
