@@ -4,10 +4,13 @@ scripts instead). Everything else is in pyproject.toml."""
 
 import os
 import sys
-from distutils.command.build_scripts import build_scripts  # setuptools' copy: imported after it
 from pathlib import Path
 
-from setuptools import setup
+# isort: off
+from setuptools import setup  # first: its distutils then stands in for the standard library's
+from distutils.command.build_scripts import build_scripts
+
+# isort: on
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the package is not installed yet
 from shim.native.build import build_launchers

@@ -273,11 +273,31 @@ static void exec_python(char **argv)
     exit(1);
 }
 
+/* recv and sendmsg again after a signal (SIGSTOP/SIGCONT interrupt them even without a
+ * handler on a socket with a timeout), as the Python client does (PEP 475). */
+static ssize_t recv_whole(int conn, void *buffer, size_t size)
+{
+    ssize_t got;
+    do
+        got = recv(conn, buffer, size, 0);
+    while (got < 0 && errno == EINTR);
+    return got;
+}
+
+static ssize_t send_whole(int conn, const struct msghdr *msg)
+{
+    ssize_t sent;
+    do
+        sent = sendmsg(conn, msg, MSG_NOSIGNAL);
+    while (sent < 0 && errno == EINTR);
+    return sent;
+}
+
 /* Once the template acked, the command is done there or not at all: never run it again. */
 static int result(int conn)
 {
     char reply[16];
-    ssize_t size = recv(conn, reply, sizeof reply, 0);
+    ssize_t size = recv_whole(conn, reply, sizeof reply);
     int code = decode_reply(reply, size, EXIT_MAX);
     if (size < 0)
         fprintf(stderr, "%s: %s\n", program, strerror(errno));
@@ -317,11 +337,11 @@ static int relay(int argc, char **argv, const char *address)
     if (setsockopt(conn, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout) != 0 ||
         setsockopt(conn, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout) != 0 ||
         connect(conn, (struct sockaddr *)&addr, sizeof addr) != 0 ||
-        sendmsg(conn, &msg, MSG_NOSIGNAL) != size) {
+        send_whole(conn, &msg) != size) {
         close(conn);
         return -1;
     }
-    size = recv(conn, ack, sizeof ack, 0);
+    size = recv_whole(conn, ack, sizeof ack);
     int code = -1; /* no ack (size <= 0): nothing was done */
     if (size > 0 && decode_reply(ack, size, INT32_MAX) < 0) {
         fprintf(stderr, "%s: malformed reply from the shim template\n", program);

@@ -217,6 +217,7 @@ class TaskService:
         if request.id in self._containers or request.id in self._creating:
             raise TtrpcError(Code.ALREADY_EXISTS, f"container {request.id}: already exists")
         self._creating.add(request.id)
+        self._shutdown_asked = False  # the shim has work again: only a later Shutdown counts
         try:
             container = await self._create(request)
         finally:
