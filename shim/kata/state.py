@@ -65,8 +65,16 @@ class VmPaths:
     def pid_file(self) -> Path:
         return self.root / "qemu.pid"
 
+    @property
+    def staging(self) -> Path:
+        """Where a container's shared tree is built, out of the guest's sight."""
+        return self.root / "staging"
+
     def container_dir(self, container_id: str) -> Path:
         return self.shared / container_id
+
+    def staging_dir(self, container_id: str) -> Path:
+        return self.staging / container_id
 
 
 def record_vm(bundle: str, paths: VmPaths) -> None:
@@ -74,10 +82,12 @@ def record_vm(bundle: str, paths: VmPaths) -> None:
 
 
 def recorded_vm(bundle: str) -> VmPaths | None:
+    """The VM directory recorded in the bundle; only one of ours (it is removed whole)."""
     try:
-        return VmPaths(Path(Path(bundle, VM_FILE).read_text().strip()))
+        root = Path(Path(bundle, VM_FILE).read_text().strip())
     except OSError:
         return None
+    return VmPaths(root) if root.parent == BASE_DIR else None
 
 
 def mounts_under(prefix: Path) -> list[str]:
@@ -94,11 +104,8 @@ def mounts_under(prefix: Path) -> list[str]:
 def unshare_container(paths: VmPaths, container_id: str) -> None:
     """Detach the container's shared mounts (QEMU may hold files in them until the guest lets
     go) and remove its shared directory."""
-    directory = paths.container_dir(container_id)
-    for point in mounts_under(directory):
-        with contextlib.suppress(OSError):
-            detach(point)
-    shutil.rmtree(directory, ignore_errors=True)
+    _remove_unmounted(paths.container_dir(container_id))
+    _remove_unmounted(paths.staging_dir(container_id))  # a share that failed half-way
 
 
 def qemu_pid(paths: VmPaths) -> int:
@@ -134,7 +141,17 @@ def destroy_dead_vm(paths: VmPaths) -> None:
 
 
 def remove_vm_dir(paths: VmPaths) -> None:
-    for point in mounts_under(paths.root):
+    _remove_unmounted(paths.root)
+
+
+def _remove_unmounted(directory: Path) -> None:
+    """Detach every mount below ``directory``, then remove it, unless a mount stayed: rmtree
+    would go through it into a container's rootfs or a host volume."""
+    for point in mounts_under(directory):
         with contextlib.suppress(OSError):
             detach(point)
-    shutil.rmtree(paths.root, ignore_errors=True)
+    stayed = mounts_under(directory)
+    if stayed:
+        log.error("not removing %s: still mounted there: %s", directory, stayed)
+        return
+    shutil.rmtree(directory, ignore_errors=True)

@@ -84,7 +84,11 @@ class Vm:
         except FileNotFoundError as exc:
             raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
         self.accel = await self._choose_accel(kernel)
-        self.paths.shared.mkdir(parents=True, exist_ok=True)
+        # Root's only, whatever umask containerd gave us: rootfs binds and the agent's socket.
+        BASE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.paths.root.mkdir(mode=0o700, exist_ok=True)
+        self.paths.shared.mkdir(exist_ok=True)
+        self.paths.staging.mkdir(exist_ok=True)
         self._write_guest_files(kernel)
         vm_config = VmConfig(
             kernel=await self._boot_image(kernel),
@@ -213,8 +217,10 @@ class Vm:
 
     def share(self, container_id: str, rootfs: str, binds: dict[str, str]) -> None:
         """Bind the rootfs and each bind source (name under the container's dir -> host path)
-        into the shared directory."""
-        directory = self.paths.container_dir(container_id)
+        into the shared directory. The tree is built where the guest cannot see it, then moved
+        in whole: in the (writable) shared directory, a guest could swap a directory for a
+        symlink between two of our steps and have a host path mounted over."""
+        directory = self.paths.staging_dir(container_id)
         try:
             (directory / "rootfs").mkdir(parents=True)
             _bind(rootfs, directory / "rootfs")
@@ -226,6 +232,8 @@ class Vm:
                 else:
                     target.touch()
                 _bind(source, target)
+            # Fails (ENOTEMPTY, ENOTDIR, EEXIST) if the guest put anything at that name.
+            os.rename(directory, self.paths.container_dir(container_id))
         except OSError as exc:
             unshare_container(self.paths, container_id)
             raise TtrpcError(
