@@ -176,6 +176,9 @@ class TaskService:
             await container.backend.on_init_exit()
         except Exception:
             log.exception("cleanup after the init of %s exited", container.id)
+        # An OOM kill the loop has not noticed yet (v2: memory.events changed, its inotify
+        # event not read) is this exit's cause: TaskOOM goes first, not never.
+        self._oom.check(container.id)
         self._oom.remove(container.id)
         # An exec whose start is in flight (runc exec ran, its pid not yet read) may have died
         # with the init: let the start finish so that its exit is waited for below.
