@@ -201,13 +201,15 @@ class Vm:
             AgentClient.connect(str(self.paths.agent_socket), timeout=self.config.boot_timeout)
         )
         racing: list[asyncio.Future[Any]] = [connecting, self.exited]
-        done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # cancelled (the boot abandoned) or QEMU exited: no connect left behind
+            connecting.cancel()
         if connecting in done:
             try:
                 return connecting.result()
             except TimeoutError as exc:
                 raise TtrpcError(Code.DEADLINE_EXCEEDED, f"VM did not boot: {exc}") from exc
-        connecting.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await connecting
         problem = self.paths.qemu_log.read_text(errors="replace").strip()[-500:]
