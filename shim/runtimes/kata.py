@@ -170,7 +170,12 @@ class KataContainer(Container):
             await relay.drained(OUTPUT_DRAIN_TIMEOUT)
             return Exit(vm.pid, status.exit_status, status.exited_at.ToNanoseconds())
         waiting.cancel()
-        log.warning("%s/%s: the VM is gone", self._id, exec_id or "init")
+        name = exec_id or "init"
+        if vm.exited.done():
+            log.warning("%s/%s: the VM is gone", self._id, name)
+        else:  # the VM runs: the agent failed this wait, and the process's status is unknown
+            problem = waiting.exception() if not waiting.cancelled() else None
+            log.error("%s/%s: WaitProcess failed: %r", self._id, name, problem)
         return Exit(vm.pid, VM_GONE_STATUS, time.time_ns())
 
     async def start(self) -> Launched | None:

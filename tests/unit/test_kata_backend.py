@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,6 +15,9 @@ from shim.agent.client import AgentClient
 from shim.kata.config import KataConfig
 from shim.kata.state import VmPaths
 from shim.kata.vm import Vm
+from shim.runtimes.kata import VM_GONE_STATUS, KataContainer
+from shim.sys.reaper import Exit
+from shim.ttrpc.errors import Code, TtrpcError
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -50,3 +55,49 @@ def test_connect_cancelled_cancels_the_connect(
         assert cancelled == [str(tmp_path / "agent.sock")]
 
     run(scenario())
+
+
+class _FailingAgent:
+    async def wait_process(self, container_id: str, exec_id: str) -> Any:
+        raise TtrpcError(Code.INTERNAL, "agent trouble")
+
+
+def _container(vm: Any) -> KataContainer:
+    config = SimpleNamespace(id="c1", bundle="/nonexistent", stdio=None, checkpoint=None)
+    container = KataContainer(SimpleNamespace(), config)  # type: ignore[arg-type]
+    container._vm = vm
+    return container
+
+
+def test_a_failed_wait_in_a_running_vm_is_not_reported_as_the_vm_gone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> Exit:
+        vm = SimpleNamespace(pid=42, agent=_FailingAgent())
+        vm.exited = asyncio.get_running_loop().create_future()
+        return await _container(vm)._exit_of(vm, "e1", None)  # type: ignore[arg-type]
+
+    with caplog.at_level(logging.WARNING, logger="shim.runtimes.kata"):
+        exit_ = run(scenario())
+    assert (exit_.pid, exit_.status) == (42, VM_GONE_STATUS)
+    assert "agent trouble" in caplog.text
+    assert "the VM is gone" not in caplog.text
+
+
+def test_a_wait_ended_by_the_vm_exit_reports_the_vm_gone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Waiting:
+        async def wait_process(self, container_id: str, exec_id: str) -> Any:
+            await asyncio.sleep(3600)
+
+    async def scenario() -> Exit:
+        vm = SimpleNamespace(pid=42, agent=Waiting())
+        vm.exited = asyncio.get_running_loop().create_future()
+        vm.exited.set_result(Exit(42, 137, 0))
+        return await _container(vm)._exit_of(vm, "", None)  # type: ignore[arg-type]
+
+    with caplog.at_level(logging.WARNING, logger="shim.runtimes.kata"):
+        exit_ = run(scenario())
+    assert exit_.status == VM_GONE_STATUS
+    assert "c1/init: the VM is gone" in caplog.text
