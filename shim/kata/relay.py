@@ -35,12 +35,14 @@ class ProcessRelay:
         self._agent = agent
         self._ids = (container_id, exec_id)
         self.console_master: int | None = None
+        self._console_ours = False  # the master, until handed out to the Task service
         self._fds: list[int] = []  # ours to close
         self._tasks: list[asyncio.Task[None]] = []
         self._output: list[tuple[Reader, int]] = []
         self._input: int | None = None
         if stdio.terminal:
             self.console_master, slave = os.openpty()
+            self._console_ours = True
             tty.setraw(slave)
             self._own(slave)
             self._input = slave if stdio.stdin is not None else None
@@ -64,6 +66,11 @@ class ProcessRelay:
         os.set_blocking(fd, False)
         self._fds.append(fd)
         return fd
+
+    def hand_out_console(self) -> int | None:
+        """The pty master, for the Task service (which closes it) to take."""
+        self._console_ours = False
+        return self.console_master
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -114,6 +121,9 @@ class ProcessRelay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for fd in list(self._fds):
             self._close(fd)
+        if self._console_ours and self.console_master is not None:
+            self._console_ours = False
+            os.close(self.console_master)
 
 
 async def _read_some(fd: int) -> bytes:

@@ -148,16 +148,21 @@ class KataContainer(Container):
             vm_pid=vm.pid,
             sandbox_guest_pid=self._runtime.guest_pids.get(sandbox),
         )
-        relay = self._relays[""] = ProcessRelay(vm.agent, self._id, "", self._config.stdio)
-        self._runtime.guest_pids[self._id] = await vm.agent.create_container(
-            self._id, guest, f"{container_dir_in_guest(self._id)}/rootfs", relay.agent_stdio
-        )
+        relay = ProcessRelay(vm.agent, self._id, "", self._config.stdio)
+        try:
+            self._runtime.guest_pids[self._id] = await vm.agent.create_container(
+                self._id, guest, f"{container_dir_in_guest(self._id)}/rootfs", relay.agent_stdio
+            )
+        except BaseException:
+            await relay.close()
+            raise
+        self._relays[""] = relay
         return self._launched(vm, "", relay)
 
     def _launched(self, vm: Vm, exec_id: str, relay: ProcessRelay) -> Launched:
         relay.start()
         exited = asyncio.ensure_future(self._exit_of(vm, exec_id, relay))
-        return Launched(pid=vm.pid, exited=exited, console_master=relay.console_master)
+        return Launched(pid=vm.pid, exited=exited, console_master=relay.hand_out_console())
 
     async def _exit_of(self, vm: Vm, exec_id: str, relay: ProcessRelay) -> Exit:
         assert vm.exited is not None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 from collections.abc import Coroutine
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,8 +15,10 @@ import pytest
 
 from shim.agent.client import AgentClient
 from shim.kata.config import KataConfig
+from shim.kata.relay import ProcessRelay
 from shim.kata.state import VmPaths
 from shim.kata.vm import Vm
+from shim.runtimes.base import ProcessStdio
 from shim.runtimes.kata import VM_GONE_STATUS, KataContainer
 from shim.sys.reaper import Exit
 from shim.ttrpc.errors import Code, TtrpcError
@@ -101,3 +105,91 @@ def test_a_wait_ended_by_the_vm_exit_reports_the_vm_gone(
         exit_ = run(scenario())
     assert exit_.status == VM_GONE_STATUS
     assert "c1/init: the VM is gone" in caplog.text
+
+
+class _StdioAgent:
+    """An agent whose process writes `output`, then ends its output."""
+
+    def __init__(self, output: bytes = b"") -> None:
+        self.output = output
+        self.written = b""
+        self.stdin_closed = False
+
+    async def read_stdout(self, container_id: str, exec_id: str, offset: int) -> bytes:
+        return self.output[offset:]
+
+    read_stderr = read_stdout
+
+    async def write_stdin(self, container_id: str, exec_id: str, offset: int, data: bytes) -> int:
+        self.written += data
+        return offset + len(data)
+
+    async def close_stdin(self, container_id: str, exec_id: str) -> None:
+        self.stdin_closed = True
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_pty_master_never_handed_out_is_closed_with_the_relay() -> None:
+    async def scenario() -> None:
+        relay = ProcessRelay(_StdioAgent(), "c1", "", ProcessStdio(0, None, None, True))  # type: ignore[arg-type]
+        master = relay.console_master
+        assert master is not None and _is_open(master)
+        await relay.close()
+        assert not _is_open(master)
+
+    run(scenario())
+
+
+def test_a_pty_master_handed_out_is_left_to_its_taker() -> None:
+    async def scenario() -> None:
+        relay = ProcessRelay(_StdioAgent(), "c1", "", ProcessStdio(0, None, None, True))  # type: ignore[arg-type]
+        master = relay.hand_out_console()
+        assert master is not None
+        await relay.close()
+        assert _is_open(master)
+        os.close(master)
+
+    run(scenario())
+
+
+def test_a_failed_create_closes_the_relay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    closed: list[ProcessRelay] = []
+
+    async def close(self: ProcessRelay) -> None:
+        closed.append(self)
+
+    monkeypatch.setattr(ProcessRelay, "close", close)
+
+    class Agent:
+        async def create_container(self, *args: Any) -> int:
+            raise TtrpcError(Code.INTERNAL, "no")
+
+    async def scenario() -> None:
+        vm = SimpleNamespace(pid=42, agent=Agent(), share=lambda *a: None, paths=None)
+
+        async def join(config: Any, spec: Any) -> Any:
+            return vm
+
+        runtime = SimpleNamespace(join=join, guest_pids={})
+        container = KataContainer(runtime, config)  # type: ignore[arg-type]
+        with pytest.raises(TtrpcError):
+            await container.create()
+        assert len(closed) == 1 and container._relays == {}
+
+    bundle = tmp_path
+    (bundle / "config.json").write_text(json.dumps({"root": {"path": "rootfs"}}))
+    config = SimpleNamespace(
+        id="c1",
+        bundle=str(bundle),
+        checkpoint=None,
+        stdio=ProcessStdio(None, None, None, False),
+    )
+    monkeypatch.setattr("shim.runtimes.kata.record_vm", lambda *a: None)
+    run(scenario())
