@@ -84,51 +84,51 @@ class Vm:
         except FileNotFoundError as exc:
             raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
         self.accel = await self._choose_accel(kernel)
-        # Root's only, whatever umask containerd gave us: rootfs binds and the agent's socket.
-        BASE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.paths.root.mkdir(mode=0o700, exist_ok=True)
-        self.paths.shared.mkdir(exist_ok=True)
-        self.paths.staging.mkdir(exist_ok=True)
-        self._write_guest_files(kernel)
-        vm_config = VmConfig(
-            kernel=await self._boot_image(kernel),
-            initrd=self.paths.initrd,
-            append=kernel_append(*self.config.kernel_args),
-            console_log=self.paths.console_log,
-            accel=self.accel,
-            memory_mb=size.memory_mb,
-            vcpus=size.vcpus,
-            shares=self._shares(),
-            serial_ports=[SerialPort(AGENT_PORT, self.paths.agent_socket)],
-            tcg_cache_mb=TCG_CACHE_MB,
-        )
-        log_fd = os.open(self.paths.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            self.pid, self.exited = spawn(
-                self._context.reaper, command_line(vm_config), fds={1: log_fd, 2: log_fd}
+        try:  # whatever fails from here on, QEMU and the VM's directory go
+            # Root's only, whatever umask containerd gave us: rootfs binds and the agent's socket.
+            BASE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.paths.root.mkdir(mode=0o700, exist_ok=True)
+            self.paths.shared.mkdir(exist_ok=True)
+            self.paths.staging.mkdir(exist_ok=True)
+            self._write_guest_files(kernel)
+            vm_config = VmConfig(
+                kernel=await self._boot_image(kernel),
+                initrd=self.paths.initrd,
+                append=kernel_append(*self.config.kernel_args),
+                console_log=self.paths.console_log,
+                accel=self.accel,
+                memory_mb=size.memory_mb,
+                vcpus=size.vcpus,
+                shares=self._shares(),
+                serial_ports=[SerialPort(AGENT_PORT, self.paths.agent_socket)],
+                tcg_cache_mb=TCG_CACHE_MB,
             )
-        finally:
-            os.close(log_fd)
-        self.paths.pid_file.write_text(str(self.pid))
-        started = loop.time()
-        log.info(
-            "VM %s: QEMU %d on %s, %s, %.2f s to prepare",
-            self.paths.root.name,
-            self.pid,
-            self.accel,
-            size,
-            started - began,
-        )
-        try:
+            log_fd = os.open(self.paths.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                self.pid, self.exited = spawn(
+                    self._context.reaper, command_line(vm_config), fds={1: log_fd, 2: log_fd}
+                )
+            finally:
+                os.close(log_fd)
+            self.paths.pid_file.write_text(str(self.pid))
+            started = loop.time()
+            log.info(
+                "VM %s: QEMU %d on %s, %s, %.2f s to prepare",
+                self.paths.root.name,
+                self.pid,
+                self.accel,
+                size,
+                started - began,
+            )
             self._agent = await self._connect()
+            log.info(
+                "VM %s: the agent answered %.2f s after QEMU started",
+                self.paths.root.name,
+                loop.time() - started,
+            )
         except BaseException:
             await self.destroy()
             raise
-        log.info(
-            "VM %s: the agent answered %.2f s after QEMU started",
-            self.paths.root.name,
-            loop.time() - started,
-        )
         self._oom_task = loop.create_task(self._watch_oom())
 
     async def _choose_accel(self, kernel: Kernel) -> Accel:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from shim.agent.client import AgentClient
-from shim.kata.config import KataConfig
+from shim.kata.config import KataConfig, VmSize
 from shim.kata.relay import ProcessRelay
 from shim.kata.state import VmPaths
 from shim.kata.vm import Vm
@@ -193,3 +193,22 @@ def test_a_failed_create_closes_the_relay(tmp_path: Path, monkeypatch: pytest.Mo
     )
     monkeypatch.setattr("shim.runtimes.kata.record_vm", lambda *a: None)
     run(scenario())
+
+
+def test_a_boot_failing_before_qemu_removes_the_vm_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(self: Vm, kernel: Any) -> None:
+        raise OSError("no busybox")
+
+    async def tcg(self: Vm, kernel: Any) -> str:
+        return "tcg"
+
+    monkeypatch.setattr("shim.kata.vm.BASE_DIR", tmp_path)
+    monkeypatch.setattr("shim.kata.vm.find_kernel", lambda directory: object())
+    monkeypatch.setattr(Vm, "_choose_accel", tcg)
+    monkeypatch.setattr(Vm, "_write_guest_files", fail)
+    vm = Vm(None, VmPaths(tmp_path / "vm"), KataConfig())  # type: ignore[arg-type]
+    with pytest.raises(OSError, match="no busybox"):
+        run(vm.boot(VmSize(1, 512)))
+    assert not (tmp_path / "vm").exists()
