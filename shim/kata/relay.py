@@ -40,6 +40,7 @@ class ProcessRelay:
         self._tasks: list[asyncio.Task[None]] = []
         self._output: list[tuple[Reader, int]] = []
         self._input: int | None = None
+        self._input_task: asyncio.Task[None] | None = None
         if stdio.terminal:
             self.console_master, slave = os.openpty()
             self._console_ours = True
@@ -76,7 +77,8 @@ class ProcessRelay:
         loop = asyncio.get_running_loop()
         self._tasks += [loop.create_task(self._copy_out(read, fd)) for read, fd in self._output]
         if self._input is not None:
-            self._tasks.append(loop.create_task(self._copy_in(self._input)))
+            self._input_task = loop.create_task(self._copy_in(self._input))
+            self._tasks.append(self._input_task)
 
     async def drained(self, timeout: float) -> None:
         """Until the output streams ended (a background process may hold them open)."""
@@ -95,8 +97,12 @@ class ProcessRelay:
                     writable = await _write_all(fd, data)
         except (TtrpcError, OSError) as exc:  # removed, or the VM is gone
             log.debug("%s/%s: output ends: %s", *self._ids, exc)
-        if fd != self._input:  # a pty's slave serves input too: closed by close()
-            self._close(fd)
+        if fd == self._input and self._input_task is not None:
+            # A pty's slave serves input too: while open, the master (the Task service's)
+            # never reads EIO, and the exit waits out the drain. The process is gone.
+            self._input_task.cancel()
+            await asyncio.gather(self._input_task, return_exceptions=True)
+        self._close(fd)
 
     async def _copy_in(self, fd: int) -> None:
         offset = 0

@@ -212,3 +212,35 @@ def test_a_boot_failing_before_qemu_removes_the_vm_directory(
     with pytest.raises(OSError, match="no busybox"):
         run(vm.boot(VmSize(1, 512)))
     assert not (tmp_path / "vm").exists()
+
+
+def test_a_terminal_with_stdin_ends_its_console_with_its_output() -> None:
+    async def scenario() -> bytes:
+        agent = _StdioAgent(b"hello")
+        relay = ProcessRelay(agent, "c1", "", ProcessStdio(0, None, None, True))  # type: ignore[arg-type]
+        master = relay.hand_out_console()
+        assert master is not None
+        os.set_blocking(master, False)
+        relay.start()
+        seen = b""
+        try:
+            async with asyncio.timeout(2):  # else the Task service's drain would time out
+                while True:
+                    try:
+                        chunk = os.read(master, 1024)
+                    except BlockingIOError:
+                        await asyncio.sleep(0.01)
+                        continue
+                    except OSError:  # EIO: every slave is closed
+                        break
+                    if not chunk:
+                        break
+                    seen += chunk
+            await relay.drained(1)
+            assert relay._input_task is not None and relay._input_task.done()
+        finally:
+            await relay.close()
+            os.close(master)
+        return seen
+
+    assert run(scenario()) == b"hello"
