@@ -24,7 +24,8 @@ _CONSOLE_POLL = 0.1
 def choose_accel(
     kernel: Kernel, cache: Path, forced: str = "", busybox: Path = Path("/bin/busybox")
 ) -> Accel:
-    """`forced` if given (the setting, or PYSHIM_VM_ACCEL), else the cached or probed answer."""
+    """`forced` if given (the caller's setting: the VM backend's `accel`, scripts/vm-test's
+    PYSHIM_VM_ACCEL), else the cached or probed answer."""
     if forced in ("kvm", "tcg"):
         return forced  # type: ignore[return-value]  # narrowed by the test above
     if forced:
