@@ -244,7 +244,9 @@ class KataContainer(Container):
         await self._joined.agent.resume_container(self._id)
 
     async def pids(self) -> Sequence[int]:
-        return [p.pid for p in await self._joined.agent.list_pids(self._id)]
+        """QEMU's pid, as for every process of the VM: a guest pid means nothing on the host,
+        and a host tool given one would act on an unrelated process (Kata does the same)."""
+        return [self._joined.pid]
 
     async def update(self, resources: Mapping[str, Any]) -> None:
         await self._joined.agent.update_container(self._id, dict(resources))

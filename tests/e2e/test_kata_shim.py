@@ -115,6 +115,10 @@ def test_one_vm_runs_exec_tty_pause_stats_and_kill_in_order(containerd: PrivateC
             busy.kill()
             busy.wait()
 
+        # ctr task ps: QEMU's pid only, never a guest pid (a host tool would act on it).
+        listed_pids = containerd.ctr("tasks", "ps", name).stdout.split()[2::2]
+        assert listed_pids == [str(containerd.task_pid(name))], listed_pids
+
         containerd.ctr("tasks", "pause", name)
         assert containerd.task_status(name) == "PAUSED"
         containerd.ctr("tasks", "resume", name)
