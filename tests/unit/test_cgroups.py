@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -292,28 +292,43 @@ def test_v1_stats_of_a_real_cgroup(real_v1: RealV1Cgroup) -> None:
     assert metrics.memory_oom_control.oom_kill == 0
 
 
+async def oom_reports(enter: Callable[[int], None], child: subprocess.Popen[bytes]) -> list[str]:
+    """What OomWatcher reports once the gated child, moved into a cgroup by `enter`, runs."""
+    reported: list[str] = []
+    watcher = OomWatcher(asyncio.get_running_loop(), reported.append)
+    try:
+        enter(child.pid)
+        watcher.add("hog", Cgroup.for_pid(child.pid))
+        open_gate(child)
+        async with asyncio.timeout(20):
+            while not reported:
+                await asyncio.sleep(0.01)
+        return reported
+    finally:
+        watcher.close()
+
+
+async def reports_after_removal(cgroup: Cgroup, remove: Callable[[], None]) -> list[str]:
+    """What OomWatcher reports for a watched cgroup that `remove` deletes."""
+    reported: list[str] = []
+    watcher = OomWatcher(asyncio.get_running_loop(), reported.append)
+    try:
+        watcher.add("gone", cgroup)
+        remove()
+        await asyncio.sleep(0.3)
+        return reported
+    finally:
+        watcher.close()
+
+
 @needs_v1_root
 @pytest.mark.timeout(60)
 def test_v1_oom_kill_in_a_real_cgroup_is_reported(real_v1: RealV1Cgroup) -> None:
     real_v1.write("memory", "memory.limit_in_bytes", str(32 << 20))
     child = gated_child("hog = b'x' * (512 << 20)")
 
-    async def main() -> list[str]:
-        reported: list[str] = []
-        watcher = OomWatcher(asyncio.get_running_loop(), reported.append)
-        try:
-            real_v1.enter(child.pid)
-            watcher.add("hog", Cgroup.for_pid(child.pid))
-            open_gate(child)
-            async with asyncio.timeout(20):
-                while not reported:
-                    await asyncio.sleep(0.01)
-            return reported
-        finally:
-            watcher.close()
-
     try:
-        assert asyncio.run(main()) == ["hog"]
+        assert asyncio.run(oom_reports(real_v1.enter, child)) == ["hog"]
         assert child.wait(timeout=10) == -signal.SIGKILL  # by the OOM killer
     finally:
         stop(child)
@@ -329,18 +344,7 @@ def test_v1_removed_cgroup_is_not_reported_as_oom(real_v1: RealV1Cgroup) -> None
     assert child.wait(timeout=10) == 0
     stop(child)
 
-    async def main() -> list[str]:
-        reported: list[str] = []
-        watcher = OomWatcher(asyncio.get_running_loop(), reported.append)
-        try:
-            watcher.add("gone", cgroup)
-            real_v1.remove()
-            await asyncio.sleep(0.3)
-            return reported
-        finally:
-            watcher.close()
-
-    assert asyncio.run(main()) == []
+    assert asyncio.run(reports_after_removal(cgroup, real_v1.remove)) == []
 
 
 @needs_v2_root
@@ -383,22 +387,8 @@ def test_v2_oom_kill_in_a_real_cgroup_is_reported(real_v2: RealV2Cgroup) -> None
     real_v2.write("memory.swap.max", "0")
     child = gated_child("hog = b'x' * (512 << 20)")
 
-    async def main() -> list[str]:
-        reported: list[str] = []
-        watcher = OomWatcher(asyncio.get_running_loop(), reported.append)
-        try:
-            real_v2.enter(child.pid)
-            watcher.add("hog", Cgroup.for_pid(child.pid))
-            open_gate(child)
-            async with asyncio.timeout(20):
-                while not reported:
-                    await asyncio.sleep(0.01)
-            return reported
-        finally:
-            watcher.close()
-
     try:
-        assert asyncio.run(main()) == ["hog"]
+        assert asyncio.run(oom_reports(real_v2.enter, child)) == ["hog"]
         assert child.wait(timeout=10) == -signal.SIGKILL  # by the OOM killer
     finally:
         stop(child)
@@ -414,15 +404,4 @@ def test_v2_removed_cgroup_is_not_reported_as_oom(real_v2: RealV2Cgroup) -> None
     assert child.wait(timeout=10) == 0
     stop(child)
 
-    async def main() -> list[str]:
-        reported: list[str] = []
-        watcher = OomWatcher(asyncio.get_running_loop(), reported.append)
-        try:
-            watcher.add("gone", cgroup)
-            real_v2.remove()
-            await asyncio.sleep(0.3)
-            return reported
-        finally:
-            watcher.close()
-
-    assert asyncio.run(main()) == []
+    assert asyncio.run(reports_after_removal(cgroup, real_v2.remove)) == []
