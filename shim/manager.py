@@ -19,8 +19,9 @@ from collections.abc import Callable
 from shim.bootstrap import answer, read_request
 from shim.flags import Flags
 from shim.relay import SOCKET_DIR
+from shim.runtimes.cri import SANDBOX_ID
 
-GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
+GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", SANDBOX_ID)
 MAX_SOCKET_PATH = 106
 
 

@@ -54,13 +54,13 @@ from shim.runtimes.base import (
     ShimContext,
     recorded_init_pid,
 )
+from shim.runtimes.cri import SANDBOX_ID, annotation
 from shim.sys.mount import unmount_all
 from shim.sys.reaper import Exit
 from shim.ttrpc.errors import Code, TtrpcError
 
 log = logging.getLogger(__name__)
 
-SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 OUTPUT_DRAIN_TIMEOUT = 5.0  # after the exit, for the last output to come over virtio-serial
 VM_GONE_STATUS = 255
 
@@ -141,7 +141,7 @@ class KataContainer(Container):
         mounts = spec.get("mounts") or []
         binds = {shared_bind_name(i): m["source"] for i, m in enumerate(mounts) if is_bind(m)}
         vm.share(self._id, rootfs, binds)
-        sandbox = (spec.get("annotations") or {}).get(SANDBOX_ID_ANNOTATION, "")
+        sandbox = annotation(spec, SANDBOX_ID)
         guest = guest_spec(
             spec,
             self._id,

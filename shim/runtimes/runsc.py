@@ -48,6 +48,7 @@ from shim.runtimes.base import (
     ProcessStdio,
     Runtime,
 )
+from shim.runtimes.cri import CONTAINER_TYPE, SANDBOX_ID, annotation
 from shim.runtimes.options import read_toml_config
 from shim.sys.reaper import Exit
 from shim.sys.spawn import CommandResult
@@ -58,8 +59,6 @@ log = logging.getLogger(__name__)
 CONFIG_TYPE_URL = "io.containerd.runsc.v1.options"  # what gVisor's docs tell CRI users to set
 DEFAULT_ROOT = "/run/containerd/runsc"
 SANDBOX_INIT_PID = 1  # the init's pid inside its sandbox
-CONTAINER_TYPE = "io.kubernetes.cri.container-type"  # runsc reads these two, as CRI sets them
-SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 SANDBOX_EXIT_GRACE = 5.0  # how long a failed `runsc wait` waits for the sandbox's exit
 INTERNAL_ERROR_STATUS = 128  # a sub-container's status when runsc cannot tell it (as gVisor's shim)
 USAGE = b"Usage: runsc "  # what runsc prints for a command it does not have
@@ -119,9 +118,8 @@ def _has_network_namespace_path(spec: Mapping[str, Any]) -> bool:
 def sandbox_of(container_id: str, spec: Mapping[str, Any]) -> str | None:
     """The id of the sandbox a CRI app container joins as a sub-container; None for a
     container that is (or has) its own sandbox."""
-    annotations = spec.get("annotations") or {}
-    sandbox_id = annotations.get(SANDBOX_ID)
-    if annotations.get(CONTAINER_TYPE) != "container" or not sandbox_id:
+    sandbox_id = annotation(spec, SANDBOX_ID)  # runsc reads these two itself
+    if annotation(spec, CONTAINER_TYPE) != "container" or not sandbox_id:
         return None
     return None if sandbox_id == container_id else str(sandbox_id)
 

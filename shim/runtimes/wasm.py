@@ -33,6 +33,7 @@ from shim.runtimes.base import (
     Runtime,
     recorded_init_pid,
 )
+from shim.runtimes.cri import is_pod_sandbox
 from shim.runtimes.runc import RuncRuntime
 from shim.sys.spawn import fork_call
 from shim.ttrpc.errors import Code, TtrpcError
@@ -48,13 +49,6 @@ CACHE_MAX_BYTES = 512 * 1024 * 1024
 READY_TIMEOUT = 60.0  # compiling a large module takes seconds; the first start pays it
 DELETE_TIMEOUT = 4.0  # containerd gives a shim's delete 5 s
 _REPORT_CHUNK = 65536
-CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
-
-
-def is_pod_sandbox(spec: Mapping[str, Any]) -> bool:
-    """Whether the spec is a CRI pod's sandbox (pause) container."""
-    annotations = spec.get("annotations") or {}
-    return annotations.get(CONTAINER_TYPE_ANNOTATION) == "sandbox"
 
 
 def _load_spec(bundle: str) -> dict[str, Any]:
