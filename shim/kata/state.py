@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shim.sys.mount import detach
+from shim.sys.mount import detach, mounts_under
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +90,6 @@ def recorded_vm(bundle: str) -> VmPaths | None:
     return VmPaths(root) if root.parent == BASE_DIR else None
 
 
-def mounts_under(prefix: Path) -> list[str]:
-    """Mount points at or below `prefix`, deepest first."""
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4].replace("\\040", " ").replace("\\011", "\t")
-            if point == str(prefix) or point.startswith(f"{prefix}/"):
-                points.append(point)
-    return sorted(points, key=len, reverse=True)
-
-
 def unshare_container(paths: VmPaths, container_id: str) -> None:
     """Detach the container's shared mounts (QEMU may hold files in them until the guest lets
     go) and remove its shared directory."""
@@ -147,10 +136,10 @@ def remove_vm_dir(paths: VmPaths) -> None:
 def _remove_unmounted(directory: Path) -> None:
     """Detach every mount below ``directory``, then remove it, unless a mount stayed: rmtree
     would go through it into a container's rootfs or a host volume."""
-    for point in mounts_under(directory):
+    for point in mounts_under(str(directory)):
         with contextlib.suppress(OSError):
             detach(point)
-    stayed = mounts_under(directory)
+    stayed = mounts_under(str(directory))
     if stayed:
         log.error("not removing %s: still mounted there: %s", directory, stayed)
         return

@@ -15,6 +15,7 @@ from google.protobuf import any_pb2
 
 from shim.api.cgroups.v1 import metrics_pb2 as v1
 from shim.api.cgroups.v2 import metrics_pb2 as v2
+from shim.sys.mount import mountinfo_field
 
 V1_METRICS_URL = "io.containerd.cgroups.v1.Metrics"
 V2_METRICS_URL = "io.containerd.cgroups.v2.Metrics"
@@ -197,18 +198,13 @@ def _cgroup_mounts(mountinfo: str) -> tuple[dict[str, _Mount], _Mount | None]:
         fields = line.split()
         separator = fields.index("-")
         fs_type, super_options = fields[separator + 1], fields[separator + 3]
-        mount = _Mount(root=fields[3], mount_point=_unescape(fields[4]))
+        mount = _Mount(root=fields[3], mount_point=mountinfo_field(fields[4]))
         if fs_type == "cgroup2" and unified is None:
             unified = mount
         elif fs_type == "cgroup":
             for option in super_options.split(","):
                 v1_mounts.setdefault(option, mount)
     return v1_mounts, unified
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
-    return field.encode().decode("unicode_escape") if "\\" in field else field
 
 
 def _join(mount: _Mount, path: str) -> str:

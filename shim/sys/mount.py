@@ -176,3 +176,20 @@ def _unmount_retrying_busy(target: str) -> None:
 def _umount2(target: str, flags: int) -> None:
     if lib.umount2(os.fsencode(target), flags):
         raise last_error(f"unmount {target}")
+
+
+def mountinfo_field(field: str) -> str:
+    """A path field of /proc/self/mountinfo, which escapes space, tab, newline and backslash as
+    \\ooo."""
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def mounts_under(prefix: str) -> list[str]:
+    """Mount points at or below ``prefix``, deepest first."""
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = mountinfo_field(line.split()[4])
+            if point == prefix or point.startswith(prefix + "/"):
+                points.append(point)
+    return sorted(points, key=len, reverse=True)
