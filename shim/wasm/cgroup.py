@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from shim.sys.busy import retry_while_busy
+from shim.sys.cgroup_limits import set_resources
 from shim.sys.cgroups import Cgroup
 
 # cpuset needs cpus and mems copied in before it takes a process; wasm has no use for it.
@@ -21,7 +22,6 @@ _FREEZE_TIMEOUT = 5.0
 _FREEZE_POLL = 0.01
 _REMOVE_RETRIES = 50  # rmdir is EBUSY until the last killed process is gone
 _REMOVE_DELAY = 0.02
-_DEFAULT_CFS_PERIOD = 100000  # µs, the kernel's default
 
 
 def cgroup_path(spec: Mapping[str, Any], namespace: str, container_id: str) -> str:
@@ -68,48 +68,7 @@ class ContainerCgroup:
     def set_resources(self, resources: Mapping[str, Any]) -> None:
         """The memory, CPU and pids limits of OCI LinuxResources (what Update and the spec
         give)."""
-        self._set_memory(resources.get("memory") or {})
-        self._set_cpu(resources.get("cpu") or {})
-        pids = resources.get("pids") or {}
-        if pids.get("limit") is not None:
-            self._write("pids", "pids.max", "max" if pids["limit"] <= 0 else str(pids["limit"]))
-
-    def _set_memory(self, memory: Mapping[str, Any]) -> None:
-        limit, swap = memory.get("limit"), memory.get("swap")
-        if self.cgroup.version == 2:
-            if limit is not None:
-                self._write("memory", "memory.max", _limit(limit, v1=False))
-            if swap is not None:  # v2 limits swap alone
-                swap_only = swap if swap < 0 or limit is None else swap - limit
-                self._write("memory", "memory.swap.max", _limit(swap_only, v1=False))
-            return
-        writes = []
-        if limit is not None:
-            writes.append(("memory.limit_in_bytes", _limit(limit, v1=True)))
-        if swap is not None:  # v1 limits memory+swap, which may never go below memory
-            writes.append(("memory.memsw.limit_in_bytes", _limit(swap, v1=True)))
-            current = int(self._read("memory", "memory.limit_in_bytes"))
-            if swap < 0 or current < swap:  # raising: memsw first, as runc orders them
-                writes.reverse()
-        for name, value in writes:
-            self._write("memory", name, value)
-
-    def _set_cpu(self, cpu: Mapping[str, Any]) -> None:
-        """Shares and the CFS quota, mapped to v2's weight and cpu.max as runc maps them."""
-        shares, quota, period = cpu.get("shares"), cpu.get("quota"), cpu.get("period")
-        if self.cgroup.version == 1:
-            if shares:
-                self._write("cpu", "cpu.shares", str(shares))
-            if period:
-                self._write("cpu", "cpu.cfs_period_us", str(period))
-            if quota:
-                self._write("cpu", "cpu.cfs_quota_us", str(quota))
-            return
-        if shares:
-            self._write("", "cpu.weight", str(cpu_weight(shares)))
-        if quota or period:
-            limit = "max" if not quota or quota < 0 else str(quota)
-            self._write("", "cpu.max", f"{limit} {period or _DEFAULT_CFS_PERIOD}")
+        set_resources(self.cgroup, resources)
 
     async def set_frozen(self, frozen: bool) -> None:
         """Freeze or thaw every process, and wait until the kernel says it is done."""
@@ -167,17 +126,6 @@ class ContainerCgroup:
             if enable:
                 with open(os.path.join(ancestor, "cgroup.subtree_control"), "w") as f:
                     f.write(enable)
-
-
-def cpu_weight(shares: int) -> int:
-    """cgroup v2's cpu.weight [1, 10000] for v1 cpu.shares [2, 262144], runc's formula."""
-    return 1 + ((min(max(shares, 2), 262144) - 2) * 9999) // 262142
-
-
-def _limit(value: int, v1: bool) -> str:
-    if value < 0:
-        return "-1" if v1 else "max"
-    return str(value)
 
 
 def _remove_dir(directory: str) -> None:

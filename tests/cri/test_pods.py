@@ -21,7 +21,7 @@ from harness import PrivateContainerd, wait_until
 from runsc_support import require_runsc
 from vm_support import require_vm
 
-from shim.wasm.cgroup import cpu_weight
+from shim.sys.cgroup_limits import cpu_weight
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -14,11 +14,12 @@ import wasmtime
 from shim.runtimes.base import ContainerConfig, ProcessStdio, ShimContext
 from shim.runtimes.runc import RuncContainer, RuncRuntime
 from shim.runtimes.wasm import WasmContainer, WasmRuntime, is_pod_sandbox, runner_request
+from shim.sys.cgroup_limits import cpu_weight
 from shim.sys.cgroups import Cgroup
 from shim.sys.reaper import Reaper
 from shim.ttrpc.errors import Code, TtrpcError
 from shim.wasm.cache import ModuleCache
-from shim.wasm.cgroup import ContainerCgroup, cpu_weight
+from shim.wasm.cgroup import ContainerCgroup
 
 pytestmark = pytest.mark.timeout(60)
 
