@@ -17,13 +17,15 @@ What differs lives here:
   if the sandbox dies, its sub-containers exit with the sandbox's status.
 * An exec's host pid is runsc's waiter, which does not forward signals: execs are signalled
   with ``runsc kill --pid <pid in the sandbox>``; ``runsc ps`` lists sandbox pids, which Pids
-  maps back to the pids containerd knows.
+  maps to the host processes that carry them (the waiter or the sandbox).
 * Stats come from ``runsc events --stats`` (the sandbox's own accounting).
 * Memory limits and OOM: only the sandbox has a host cgroup (the pause container's), watched
   for every container of the pod, so an OOM kill of the sandbox is each one's TaskOOM. A
   sub-container's own memory limit is enforced by nobody (the sentry's memory cgroup limit is
   a stub), so it is never OOMKilled alone. Update is ``runsc update`` where runsc has it (newer
-  gVisor); this runsc has none, which Update reports as Unimplemented.
+  gVisor). This runsc has none: a container that is its own sandbox (docker, ctr) gets the
+  limits written into the sandbox's host cgroup; a pod's sub-container has no cgroup of its
+  own, which Update reports as Unimplemented.
 * Checkpoint always stops the container: this runsc's ``--leave-running`` never returns.
 """
 
@@ -50,6 +52,8 @@ from shim.runtimes.base import (
 )
 from shim.runtimes.cri import CONTAINER_TYPE, SANDBOX_ID, annotation
 from shim.runtimes.options import read_toml_config
+from shim.sys.cgroup_limits import set_resources
+from shim.sys.cgroups import Cgroup
 from shim.sys.reaper import Exit
 from shim.sys.spawn import CommandResult
 from shim.ttrpc.errors import Code, TtrpcError
@@ -58,7 +62,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_TYPE_URL = "io.containerd.runsc.v1.options"  # what gVisor's docs tell CRI users to set
 DEFAULT_ROOT = "/run/containerd/runsc"
-SANDBOX_INIT_PID = 1  # the init's pid inside its sandbox
 SANDBOX_EXIT_GRACE = 5.0  # how long a failed `runsc wait` waits for the sandbox's exit
 INTERNAL_ERROR_STATUS = 128  # a sub-container's status when runsc cannot tell it (as gVisor's shim)
 USAGE = b"Usage: runsc "  # what runsc prints for a command it does not have
@@ -303,19 +306,54 @@ class RunscContainer(oci.OciCliContainer):
         launched.exited.add_done_callback(lambda _: self._execs.pop(exec_id, None))
         return launched
 
+    async def kill(self, signal: int, all_processes: bool) -> None:
+        await self._resume_to_signal(signal)
+        await super().kill(signal, all_processes)
+
     async def kill_exec(self, exec_id: str, signal: int) -> bool:
         process = self._execs.get(exec_id)
         if process is None:
             return False
+        await self._resume_to_signal(signal)
         await self._signal(["kill", "--pid", str(process.sandbox_pid), self._id, str(signal)])
         return True
 
+    async def _resume_to_signal(self, signum: int) -> None:
+        """runsc cannot signal a paused sandbox ("cannot signal container in state paused").
+        SIGKILL resumes it first: the process dies at once, as a frozen runc container's does
+        when thawed (docker kill and rm -f of a paused container). Any other signal would let
+        the container run, so it is refused."""
+        if not self._paused:
+            return
+        if signum != signal.SIGKILL:
+            raise TtrpcError(
+                Code.FAILED_PRECONDITION,
+                f"gVisor cannot signal a paused container: resume {self._id} first",
+            )
+        await self.resume()
+
     async def pids(self) -> Sequence[int]:
-        """The container's processes, by the pids containerd knows where they have one (the
-        init: the sandbox; an exec: its waiter), else by their pid in the sandbox."""
-        known = {SANDBOX_INIT_PID: self._pid}
-        known.update({p.sandbox_pid: p.host_pid for p in self._execs.values()})
-        return [known.get(pid, pid) for pid in await super().pids()]
+        """The host processes that carry the container's processes: an exec's waiter for the
+        exec, the sandbox for any other. A pid inside the sandbox means nothing on the host,
+        and a host tool given one (docker top runs `ps -q`) would show or signal an unrelated
+        process."""
+        waiters = {p.sandbox_pid: p.host_pid for p in self._execs.values()}
+        carriers = [waiters.get(pid, self._pid) for pid in await super().pids()]
+        return list(dict.fromkeys(carriers))
+
+    async def update(self, resources: Mapping[str, Any]) -> None:
+        try:
+            await super().update(resources)
+        except TtrpcError as error:
+            if error.code != Code.UNIMPLEMENTED or self._sandbox_id is not None:
+                raise
+            # This runsc has no `update`. A container that is its own sandbox is all of its
+            # sandbox's host cgroup, so the limits go there, as runc would write them.
+            try:
+                set_resources(Cgroup.for_pid(self._pid), resources)
+            except OSError as exc:
+                message = f"cannot update the sandbox's cgroup: {exc}"
+                raise TtrpcError(Code.UNKNOWN, message) from exc
 
     async def pause(self) -> None:
         await super().pause()
@@ -378,6 +416,12 @@ def metrics_from_runsc(stats: Mapping[str, Any], cgroup_version: int) -> Any:
     metrics.cpu.usage.kernel = cpu.get("kernel", 0)
     metrics.cpu.usage.user = cpu.get("user", 0)
     metrics.cpu.usage.per_cpu.extend(cpu.get("percpu") or [])
+    # Docker reads every one of these sub-messages without a nil check (dockerd panics on
+    # `docker stats` otherwise), as runc's shim always sends them.
+    throttling = stats.get("cpu", {}).get("throttling", {})
+    metrics.cpu.throttling.periods = throttling.get("periods", 0)
+    metrics.cpu.throttling.throttled_periods = throttling.get("throttledPeriods", 0)
+    metrics.cpu.throttling.throttled_time = throttling.get("throttledTime", 0)
     metrics.memory.cache = memory.get("cache", 0)
     entries = (
         ("usage", metrics.memory.usage),
