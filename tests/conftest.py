@@ -1,11 +1,11 @@
-"""Shared pytest setup: everything under tests/e2e and tests/cri carries the `containerd`
-marker."""
+"""Shared pytest setup: everything under tests/e2e, tests/cri and tests/docker carries the
+`containerd` marker."""
 
 from pathlib import Path
 
 import pytest
 
-CONTAINERD_DIRS = [Path(__file__).parent / "e2e", Path(__file__).parent / "cri"]
+CONTAINERD_DIRS = [Path(__file__).parent / name for name in ("e2e", "cri", "docker")]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,0 +1,79 @@
+"""Fixtures for the docker tests: one private containerd (PYSHIM_CONTAINERD) and one private
+dockerd on it per session, with the busybox image loaded, driven with the docker CLI as a user
+drives it.
+
+After every test the autouse `clean_docker` removes every container (`docker rm -f`) and fails
+the test if a shim process, a mount or one of dockerd's FIFO dirs outlived them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+
+from dockerd import PrivateDockerd, docker_unusable_reason
+from harness import (
+    DEFAULT_VERSION,
+    IMAGE_TAR,
+    HarnessError,
+    PrivateContainerd,
+    unusable_reason,
+    wait_until,
+)
+from wasm_image import build_image, wasm_build_unusable_reason
+
+
+@pytest.fixture(scope="session")
+def containerd() -> Iterator[PrivateContainerd]:
+    reason = unusable_reason() or docker_unusable_reason()
+    if reason:
+        pytest.skip(reason)
+    try:
+        with PrivateContainerd(version=DEFAULT_VERSION) as private:
+            yield private
+    except HarnessError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def dockerd(containerd: PrivateContainerd) -> Iterator[PrivateDockerd]:
+    try:
+        with PrivateDockerd(containerd) as private:
+            private.docker("load", "-i", str(IMAGE_TAR), timeout=120)
+            yield private
+    except HarnessError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def wasm_image(dockerd: PrivateDockerd, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The WASI test programs' image (tests/e2e/wasm), loaded into dockerd."""
+    reason = wasm_build_unusable_reason()
+    if reason:
+        pytest.skip(reason)
+    dockerd.docker("load", "-i", str(build_image(tmp_path_factory.mktemp("wasm"))), timeout=120)
+
+
+def leftovers(containerd: PrivateContainerd, dockerd: PrivateDockerd) -> list[str]:
+    fifo_root = dockerd.exec_root / "containerd"
+    fifo_dirs = sorted(fifo_root.iterdir()) if fifo_root.is_dir() else []
+    idle = {f"mount {point}" for point in dockerd.idle_mounts}
+    found = [problem for problem in containerd.leftovers() if problem not in idle]
+    return found + [f"docker FIFO dir {d}" for d in fifo_dirs]
+
+
+@pytest.fixture(autouse=True)
+def clean_docker(containerd: PrivateContainerd, dockerd: PrivateDockerd) -> Iterator[None]:
+    yield
+    dockerd.remove_all()
+    # Shims exit shortly after dockerd deletes their last task.
+    wait_until(lambda: not leftovers(containerd, dockerd), timeout=15, interval=0.1)
+    found = leftovers(containerd, dockerd)
+    if found:
+        containerd.force_clean()
+        pytest.fail("test left behind:\n  " + "\n  ".join(found), pytrace=False)
