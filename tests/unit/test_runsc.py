@@ -4,7 +4,11 @@ OCI-CLI error reader it shares with runc, and how a pod's sub-container learns i
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from google.protobuf.any_pb2 import Any
@@ -13,6 +17,7 @@ from shim.api.cgroups.v1 import metrics_pb2 as v1
 from shim.api.cgroups.v2 import metrics_pb2 as v2
 from shim.api.runtimeoptions.v1.api_pb2 import Options
 from shim.runtimes import runsc
+from shim.runtimes.base import ContainerConfig
 from shim.runtimes.oci import last_runtime_error
 from shim.runtimes.runsc import (
     CONTAINER_TYPE,
@@ -24,6 +29,7 @@ from shim.runtimes.runsc import (
     sandbox_of,
     wait_status,
 )
+from shim.sys.cgroups import Cgroup
 from shim.sys.reaper import Exit
 from shim.sys.spawn import CommandResult
 from shim.ttrpc.errors import Code, TtrpcError
@@ -231,3 +237,153 @@ def test_a_wait_that_cannot_run_still_ends_the_sub_container() -> None:
         return await asyncio.wait_for(exit.future, 5)
 
     assert asyncio.run(scenario()).status == INTERNAL_ERROR_STATUS
+
+
+# RunscContainer against a fake runsc CLI: every command goes through `_cli`, which the tests
+# replace on the instance with a script of results by command name (default: success).
+
+
+class FakeRunsc:
+    def __init__(self, results: dict[str, CommandResult] | None = None) -> None:
+        self.results = results or {}
+        self.calls: list[tuple[str, ...]] = []
+
+    async def __call__(
+        self, *args: str, input: bytes | None = None, fds: object = None
+    ) -> CommandResult:
+        self.calls.append(args)
+        return self.results.get(args[0], result(0))
+
+
+def container(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cli: FakeRunsc,
+    container_id: str = "c1",
+    spec: Mapping[str, object] | None = None,
+) -> runsc.RunscContainer:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(spec or {}))
+    runtime = SimpleNamespace(context=SimpleNamespace(namespace="ns", reaper=None))
+    config = ContainerConfig(container_id, str(bundle), runsc.NO_STDIO, None)
+    made = runsc.RunscContainer(runtime, config)  # type: ignore[arg-type]
+    monkeypatch.setattr(made, "_cli", cli)
+    made._pid = SANDBOX_PID
+    return made
+
+
+def test_sigkill_of_a_paused_container_resumes_it_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli = FakeRunsc()
+    paused = container(tmp_path, monkeypatch, cli)
+
+    async def scenario() -> None:
+        await paused.pause()
+        await paused.kill(signal.SIGKILL, all_processes=False)
+
+    asyncio.run(scenario())
+
+    assert cli.calls == [("pause", "c1"), ("resume", "c1"), ("kill", "c1", "9")]
+
+
+def test_sigkill_of_an_exec_in_a_paused_container_resumes_it_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli = FakeRunsc()
+    paused = container(tmp_path, monkeypatch, cli)
+    paused._execs["e1"] = runsc._Exec(host_pid=3001, sandbox_pid=7)
+
+    async def scenario() -> bool:
+        await paused.pause()
+        return await paused.kill_exec("e1", signal.SIGKILL)
+
+    assert asyncio.run(scenario())
+    assert cli.calls[1:] == [("resume", "c1"), ("kill", "--pid", "7", "c1", "9")]
+
+
+@pytest.mark.parametrize("target", ["init", "exec"])
+def test_other_signals_to_a_paused_container_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    cli = FakeRunsc()
+    paused = container(tmp_path, monkeypatch, cli)
+    paused._execs["e1"] = runsc._Exec(host_pid=3001, sandbox_pid=7)
+
+    async def scenario() -> None:
+        await paused.pause()
+        if target == "init":
+            await paused.kill(signal.SIGTERM, all_processes=False)
+        else:
+            await paused.kill_exec("e1", signal.SIGTERM)
+
+    with pytest.raises(TtrpcError) as raised:
+        asyncio.run(scenario())
+
+    assert raised.value.code == Code.FAILED_PRECONDITION
+    assert cli.calls == [("pause", "c1")]  # neither resumed nor signalled
+
+
+def test_pids_are_the_host_processes_carrying_the_sandbox_pids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli = FakeRunsc({"ps": result(0, b"[7, 1, 5, 9]")})
+    running = container(tmp_path, monkeypatch, cli)
+    running._execs["e1"] = runsc._Exec(host_pid=3001, sandbox_pid=7)
+
+    # 7 is the exec's (its waiter carries it); 1, 5 and 9 live in the sandbox process.
+    assert asyncio.run(running.pids()) == [3001, SANDBOX_PID]
+
+
+NO_UPDATE = CommandResult(2, b"", b"Usage: runsc <flags> <subcommand> <subcommand args>\n")
+RESOURCES = {"memory": {"limit": 64 << 20}, "pids": {"limit": 100}}
+
+
+class FakeCgroups:
+    """What `Cgroup.for_pid` gives runsc: a cgroup v2 directory under tmp_path."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.asked: list[int] = []  # the pids whose cgroup was asked for
+
+    def for_pid(self, pid: int) -> Cgroup:
+        self.asked.append(pid)
+        return Cgroup(2, {"": str(self.directory)})
+
+
+@pytest.fixture
+def sandbox_cgroup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeCgroups:
+    (tmp_path / "cgroup").mkdir()
+    cgroups = FakeCgroups(tmp_path / "cgroup")
+    monkeypatch.setattr(runsc, "Cgroup", cgroups)
+    return cgroups
+
+
+def test_update_without_runsc_update_writes_the_sandbox_cgroup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sandbox_cgroup: FakeCgroups
+) -> None:
+    cli = FakeRunsc({"update": NO_UPDATE})
+    own_sandbox = container(tmp_path, monkeypatch, cli)
+
+    asyncio.run(own_sandbox.update(RESOURCES))
+
+    directory = sandbox_cgroup.directory
+    assert cli.calls == [("update", "--resources", "-", "c1")]
+    assert sandbox_cgroup.asked == [SANDBOX_PID]
+    assert (directory / "memory.max").read_text() == str(64 << 20)
+    assert (directory / "pids.max").read_text() == "100"
+
+
+def test_update_of_a_sub_container_without_runsc_update_is_unimplemented(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sandbox_cgroup: FakeCgroups
+) -> None:
+    cli = FakeRunsc({"update": NO_UPDATE})
+    sub_container = container(tmp_path, monkeypatch, cli, "app", APP_SPEC)
+
+    with pytest.raises(TtrpcError) as raised:
+        asyncio.run(sub_container.update(RESOURCES))
+
+    assert raised.value.code == Code.UNIMPLEMENTED
+    assert sandbox_cgroup.asked == []
+    assert not any(sandbox_cgroup.directory.iterdir())
