@@ -46,9 +46,11 @@ class ProcessRelay:
             self._console_ours = True
             tty.setraw(slave)
             self._own(slave)
-            self._input = slave if stdio.stdin is not None else None
+            # With a terminal the service writes stdin into the master (it passes no stdin
+            # end), so whatever the slave reads is the process's input.
+            self._input = slave
             self._output.append((agent.read_stdout, slave))
-            self.agent_stdio = api.Stdio(stdin=stdio.stdin is not None, stdout=True, terminal=True)
+            self.agent_stdio = api.Stdio(stdin=True, stdout=True, terminal=True)
             return
         # The service closes its copies once the process runs: the relay keeps its own.
         if stdio.stdin is not None:

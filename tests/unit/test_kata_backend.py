@@ -217,7 +217,8 @@ def test_a_boot_failing_before_qemu_removes_the_vm_directory(
 def test_a_terminal_with_stdin_ends_its_console_with_its_output() -> None:
     async def scenario() -> bytes:
         agent = _StdioAgent(b"hello")
-        relay = ProcessRelay(agent, "c1", "", ProcessStdio(0, None, None, True))  # type: ignore[arg-type]
+        # With a terminal the Task service passes no stdin end: it writes into the master.
+        relay = ProcessRelay(agent, "c1", "", ProcessStdio(None, None, None, True))  # type: ignore[arg-type]
         master = relay.hand_out_console()
         assert master is not None
         os.set_blocking(master, False)
@@ -244,3 +245,30 @@ def test_a_terminal_with_stdin_ends_its_console_with_its_output() -> None:
         return seen
 
     assert run(scenario()) == b"hello"
+
+
+def test_what_the_service_writes_into_a_terminal_reaches_the_guest_stdin() -> None:
+    async def scenario() -> bytes:
+        agent = _StdioAgent()
+        agent.read_stdout = _never_ending  # type: ignore[method-assign]
+        relay = ProcessRelay(agent, "c1", "", ProcessStdio(None, None, None, True))  # type: ignore[arg-type]
+        assert relay.agent_stdio.stdin and relay.agent_stdio.terminal
+        master = relay.hand_out_console()
+        assert master is not None
+        relay.start()
+        try:
+            os.write(master, b"typed\r")
+            async with asyncio.timeout(2):
+                while b"typed" not in agent.written:
+                    await asyncio.sleep(0.01)
+        finally:
+            await relay.close()
+            os.close(master)
+        return agent.written
+
+    assert run(scenario()) == b"typed\r"
+
+
+async def _never_ending(container_id: str, exec_id: str, offset: int) -> bytes:
+    await asyncio.Event().wait()
+    return b""
