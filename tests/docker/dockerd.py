@@ -62,6 +62,10 @@ class PrivateDockerd:
         # containerd namespace for docker's containers, apart from the ctr tests' one.
         self.namespace = f"{containerd.namespace}-docker"
         self.live_restore = live_restore
+        # runsc flags for the `pyrunsc` runtime entry: its debug log, which shows that the
+        # options reached the shim.
+        self.runsc_config = self.base / "runsc.toml"
+        self.runsc_debug_log = self.base / "runsc-debug"
         self._process: subprocess.Popen[bytes] | None = None
         self.idle_mounts: list[Path] = []
 
@@ -91,11 +95,24 @@ class PrivateDockerd:
             "storage-driver": "overlay2" if self.containerd.snapshotter == "overlayfs" else "vfs",
             "log-driver": "json-file",
             "debug": True,
+            # The README's daemon.json entry for pyrunsc, with a runsc.toml of our own.
+            "runtimes": {
+                "pyrunsc": {
+                    "runtimeType": "io.containerd.pyrunsc.v1",
+                    "options": {
+                        "TypeUrl": "io.containerd.runsc.v1.options",
+                        "ConfigPath": str(self.runsc_config),
+                    },
+                },
+            },
         }
 
     def start(self) -> None:
         self.base.mkdir(exist_ok=True)
         (self.base / "daemon.json").write_text(json.dumps(self.daemon_config(), indent=2))
+        self.runsc_config.write_text(
+            f'[runsc_config]\n  debug = "true"\n  debug-log = "{self.runsc_debug_log}/%ID%/"\n'
+        )
         (self.base / "cli").mkdir(exist_ok=True)
         argv = [
             str(DOCKERD),
@@ -149,6 +166,10 @@ class PrivateDockerd:
     def restart(self, live_restore: bool | None = None) -> None:
         if live_restore is not None:
             self.live_restore = live_restore
+        # runsc flags for the `pyrunsc` runtime entry: its debug log, which shows that the
+        # options reached the shim.
+        self.runsc_config = self.base / "runsc.toml"
+        self.runsc_debug_log = self.base / "runsc-debug"
         self.stop()
         self.start()
 

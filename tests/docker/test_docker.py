@@ -191,6 +191,9 @@ def test_run_with_terminal_size_and_resize(dockerd: PrivateDockerd, backend: Bac
         return
     terminal = Terminal(dockerd, *argv, "sh", rows=30, cols=100)
     try:
+        # Typed at the prompt, as a user does: a shell that starts line editing flushes input
+        # typed before it.
+        assert terminal.read_until("# ", timeout=120), terminal.output
         terminal.send("stty size; echo size-printed\n")
         assert terminal.read_until("30 100\r\nsize-printed", timeout=120), terminal.output
         terminal.resize(40, 120)
@@ -324,9 +327,10 @@ def cgroup_limits(dockerd: PrivateDockerd, backend: Backend, container: str) -> 
     backend the guest's (read inside the container)."""
     if backend.name == "pykata":
         files = {"memory": "memory.max", "cpu": "cpu.max", "pids": "pids.max"}
-        read = dockerd.docker("exec", container, "sh", "-c", 'cd /sys/fs/cgroup && cat "$@"',
-                              "sh", *files.values()).stdout.split("\n")  # fmt: skip
-        return dict(zip(files, read[:3], strict=True))
+        # docker leaves the container in the host's cgroup namespace (the guest's, here).
+        script = 'cd "/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)" && cat "$@"'
+        read = dockerd.docker("exec", container, "sh", "-c", script, "sh", *files.values())
+        return dict(zip(files, read.stdout.split("\n")[:3], strict=True))
     cgroup = Cgroup.for_pid(int(state(dockerd, container)["Pid"]))  # type: ignore[call-overload]
     names = (
         {"memory": "memory.limit_in_bytes", "cpu": "cpu.cfs_quota_us", "pids": "pids.max"}
@@ -428,3 +432,12 @@ def test_unknown_runtime_is_a_clear_error(dockerd: PrivateDockerd) -> None:
     result = dockerd.docker(*argv, BUSYBOX, "true", check=False, timeout=60)
     assert result.returncode != 0
     assert "pynothing" in result.stderr
+
+
+def test_daemon_json_runtime_entry_passes_its_options(dockerd: PrivateDockerd) -> None:
+    """`--runtime pyrunsc` by its daemon.json name: the entry's ConfigPath reaches the shim."""
+    argv = ["run", "-d", "--network", "none", "--runtime", "pyrunsc", BUSYBOX, "sleep", "100"]
+    container = dockerd.docker(*argv, timeout=120).stdout.strip()
+    assert dockerd.inspect(container)["HostConfig"]["Runtime"] == "pyrunsc"
+    debug_log = dockerd.runsc_debug_log / container
+    assert any(debug_log.iterdir()), f"runsc wrote no debug log in {debug_log}"
