@@ -52,7 +52,7 @@ from shim.runtimes.base import (
 )
 from shim.runtimes.cri import CONTAINER_TYPE, SANDBOX_ID, annotation
 from shim.runtimes.options import read_toml_config
-from shim.sys.cgroup_limits import set_resources
+from shim.sys.cgroup_limits import refuse_unapplied, set_resources
 from shim.sys.cgroups import Cgroup
 from shim.sys.reaper import Exit
 from shim.sys.spawn import CommandResult
@@ -349,6 +349,7 @@ class RunscContainer(oci.OciCliContainer):
                 raise
             # This runsc has no `update`. A container that is its own sandbox is all of its
             # sandbox's host cgroup, so the limits go there, as runc would write them.
+            refuse_unapplied(resources, "pyrunsc")
             try:
                 set_resources(Cgroup.for_pid(self._pid), resources)
             except OSError as exc:

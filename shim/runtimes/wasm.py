@@ -35,6 +35,7 @@ from shim.runtimes.base import (
 )
 from shim.runtimes.cri import is_pod_sandbox
 from shim.runtimes.runc import RuncRuntime
+from shim.sys.cgroup_limits import refuse_unapplied
 from shim.sys.spawn import fork_call
 from shim.ttrpc.errors import Code, TtrpcError
 from shim.wasm import runner
@@ -319,6 +320,7 @@ class WasmContainer(Container):
         return self._require_cgroup().pids()
 
     async def update(self, resources: Mapping[str, Any]) -> None:
+        refuse_unapplied(resources, "pywasm")
         try:
             self._require_cgroup().set_resources(resources)
         except OSError as exc:

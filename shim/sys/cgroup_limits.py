@@ -8,8 +8,41 @@ from collections.abc import Mapping
 from typing import Any
 
 from shim.sys.cgroups import Cgroup
+from shim.ttrpc.errors import Code, TtrpcError
 
 _DEFAULT_CFS_PERIOD = 100000  # µs, the kernel's default
+
+
+# What set_resources writes, per LinuxResources section.
+APPLIED = {"memory": {"limit", "swap"}, "cpu": {"shares", "quota", "period"}, "pids": {"limit"}}
+
+
+def unapplied(resources: Mapping[str, Any]) -> list[str]:
+    """The settings of an Update that set_resources would not write (cpusets, block I/O,
+    memory reservation...), as "section.field"; unset, zero or empty values do not count
+    (docker sends every field)."""
+    found = []
+    for section, values in resources.items():
+        if not isinstance(values, Mapping):
+            if values:
+                found.append(section)
+            continue
+        for name, value in values.items():
+            if value and name not in APPLIED.get(section, set()):
+                found.append(f"{section}.{name}")
+    return found
+
+
+def refuse_unapplied(resources: Mapping[str, Any], backend: str) -> None:
+    """Update answers Unimplemented, before writing anything, for settings it cannot apply:
+    a silent success would claim a limit that is not there."""
+    names = unapplied(resources)
+    if names:
+        raise TtrpcError(
+            Code.UNIMPLEMENTED,
+            f"{backend} cannot set {', '.join(names)}: it sets only the memory limit and swap, "
+            "CPU shares and quota, and the pids limit",
+        )
 
 
 def set_resources(cgroup: Cgroup, resources: Mapping[str, Any]) -> None:

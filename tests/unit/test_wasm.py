@@ -14,6 +14,7 @@ import wasmtime
 from shim.runtimes.base import ContainerConfig, ProcessStdio, ShimContext
 from shim.runtimes.runc import RuncContainer, RuncRuntime
 from shim.runtimes.wasm import WasmContainer, WasmRuntime, is_pod_sandbox, runner_request
+from shim.sys import cgroup_limits
 from shim.sys.cgroup_limits import cpu_weight
 from shim.sys.cgroups import Cgroup
 from shim.sys.reaper import Reaper
@@ -243,13 +244,13 @@ def test_v1_memory_and_swap_are_written_in_an_order_the_kernel_accepts(
 ) -> None:
     (tmp_path / "memory" / "memory.limit_in_bytes").write_text(str(current))
     names: list[str] = []
-    write = ContainerCgroup._write
+    write = cgroup_limits._write
 
-    def recording(self: ContainerCgroup, controller: str, name: str, value: str) -> None:
+    def recording(cgroup: Cgroup, controller: str, name: str, value: str) -> None:
         names.append(name)
-        write(self, controller, name, value)
+        write(cgroup, controller, name, value)
 
-    monkeypatch.setattr(ContainerCgroup, "_write", recording)
+    monkeypatch.setattr(cgroup_limits, "_write", recording)
 
     v1_cgroup.set_resources({"memory": {"limit": limit, "swap": limit}})
 
@@ -263,3 +264,23 @@ def test_v1_cpu_shares_and_quota_are_written(tmp_path: Path, v1_cgroup: Containe
     assert written(tmp_path, "cpu.shares") == "512"
     assert written(tmp_path, "cpu.cfs_quota_us") == "50000"
     assert written(tmp_path, "cpu.cfs_period_us") == "100000"
+
+
+def test_update_settings_that_are_not_written_are_refused_by_name() -> None:
+    from shim.sys.cgroup_limits import refuse_unapplied, unapplied
+    from shim.ttrpc.errors import Code, TtrpcError
+
+    # docker sends every field; zero and empty ones are not settings.
+    docker_update = {
+        "cpu": {"shares": 512, "quota": 0, "period": 0, "cpus": "", "mems": ""},
+        "memory": {"limit": 50331648},
+        "pids": {"limit": 40},
+    }
+    assert unapplied(docker_update) == []
+    refuse_unapplied(docker_update, "pywasm")
+    cpuset = {"cpu": {"cpus": "0"}, "blockIO": {"weight": 300}, "memory": {"reservation": 1}}
+    assert unapplied(cpuset) == ["cpu.cpus", "blockIO.weight", "memory.reservation"]
+    with pytest.raises(TtrpcError) as raised:
+        refuse_unapplied(cpuset, "pywasm")
+    assert raised.value.code == Code.UNIMPLEMENTED
+    assert "pywasm cannot set cpu.cpus, blockIO.weight, memory.reservation" in str(raised.value)
