@@ -29,8 +29,10 @@ from harness import (
     HarnessError,
     PrivateContainerd,
     detach_mounts,
+    file_tail,
     listening,
     mounts_under,
+    stop_process,
     wait_until,
 )
 
@@ -154,14 +156,7 @@ class PrivateDockerd:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop dockerd (containers stop with it unless live-restore)."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process, sig, grace=60)
 
     def restart(self, live_restore: bool | None = None) -> None:
         if live_restore is not None:
@@ -231,10 +226,7 @@ class PrivateDockerd:
         return self._process.pid
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return file_tail(self.log_path, lines)
 
 
 class Terminal:

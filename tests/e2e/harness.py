@@ -210,6 +210,26 @@ def process_comm(pid: int) -> str:
         return ""
 
 
+def stop_process(process: subprocess.Popen[bytes] | None, sig: int, grace: float) -> None:
+    """Send a daemon we started sig and reap it; SIGKILL if it outlives grace seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def file_tail(path: Path, lines: int) -> str:
+    """The last lines of a daemon's log, for an error message."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while True:
@@ -472,14 +492,7 @@ class PrivateContainerd:
 
     def _stop_daemon(self, sig: int = signal.SIGTERM) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process, sig, grace=20)
 
     def close(self) -> None:
         """Remove tasks and containers, stop containerd and our shims, clean the temp dir."""
@@ -735,10 +748,7 @@ class PrivateContainerd:
         return self.state / "io.containerd.runtime.v2.task" / self.namespace / container_id
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return file_tail(self.log_path, lines)
 
     # -- events ----------------------------------------------------------------------------
 
