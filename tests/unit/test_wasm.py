@@ -275,6 +275,8 @@ def test_update_settings_that_are_not_written_are_refused_by_name() -> None:
         "cpu": {"shares": 512, "quota": 0, "period": 0, "cpus": "", "mems": ""},
         "memory": {"limit": 50331648},
         "pids": {"limit": 40},
+        # CRI restates the spec's device list with every update.
+        "devices": [{"allow": False, "access": "rwm"}],
     }
     assert unapplied(docker_update) == []
     refuse_unapplied(docker_update, "pywasm")
