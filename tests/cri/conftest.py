@@ -17,28 +17,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
 from cri_client import CriClient, cri_client
-from harness import (
-    DEFAULT_VERSION,
-    HarnessError,
-    PrivateContainerd,
-    unusable_reason,
-    wait_until,
-)
+from harness import PrivateContainerd
 from runsc_support import RUNSC_ROOT
+from session import fail_if_left, private_containerd
 from wasm_image import IMAGE as WASM_IMAGE
 from wasm_image import build_image, wasm_build_unusable_reason
 
 
 @pytest.fixture(scope="session")
 def containerd() -> Iterator[PrivateContainerd]:
-    reason = unusable_reason()
-    if reason:
-        pytest.skip(reason)
-    try:
-        with PrivateContainerd(version=DEFAULT_VERSION, cri=True) as private:
-            yield private
-    except HarnessError as error:
-        pytest.fail(str(error), pytrace=False)
+    yield from private_containerd(cri=True)
 
 
 @pytest.fixture(scope="session")
@@ -73,9 +61,4 @@ def clean_pods(containerd: PrivateContainerd, cri: CriClient) -> Iterator[None]:
     def leftovers() -> list[str]:
         return containerd.leftovers() + runsc_state(containerd, cri)
 
-    # Shims exit, and `delete` clears runsc's state, shortly after the last task is removed.
-    wait_until(lambda: not leftovers(), timeout=10, interval=0.1)
-    found = leftovers()
-    if found:
-        containerd.force_clean()
-        pytest.fail("test left behind:\n  " + "\n  ".join(found), pytrace=False)
+    fail_if_left(containerd, leftovers, timeout=10)

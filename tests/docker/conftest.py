@@ -17,30 +17,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
 from dockerd import PrivateDockerd, docker_unusable_reason
-from harness import (
-    DEFAULT_VERSION,
-    IMAGE_TAR,
-    HarnessError,
-    PrivateContainerd,
-    unusable_reason,
-    wait_until,
-)
+from harness import IMAGE_TAR, HarnessError, PrivateContainerd
+from session import fail_if_left, private_containerd
 from wasm_image import build_image, wasm_build_unusable_reason
 
 
 @pytest.fixture(scope="session")
 def containerd() -> Iterator[PrivateContainerd]:
-    reason = unusable_reason()
-    if reason:
-        pytest.skip(reason)
     missing = docker_unusable_reason()  # a setup step not done, not a machine's limit
     if missing:
         pytest.fail(missing, pytrace=False)
-    try:
-        with PrivateContainerd(version=DEFAULT_VERSION) as private:
-            yield private
-    except HarnessError as error:
-        pytest.fail(str(error), pytrace=False)
+    yield from private_containerd()
 
 
 @pytest.fixture(scope="session")
@@ -74,9 +61,4 @@ def leftovers(containerd: PrivateContainerd, dockerd: PrivateDockerd) -> list[st
 def clean_docker(containerd: PrivateContainerd, dockerd: PrivateDockerd) -> Iterator[None]:
     yield
     dockerd.remove_all()
-    # Shims exit shortly after dockerd deletes their last task.
-    wait_until(lambda: not leftovers(containerd, dockerd), timeout=15, interval=0.1)
-    found = leftovers(containerd, dockerd)
-    if found:
-        containerd.force_clean()
-        pytest.fail("test left behind:\n  " + "\n  ".join(found), pytrace=False)
+    fail_if_left(containerd, lambda: leftovers(containerd, dockerd), timeout=15)
