@@ -48,8 +48,9 @@ class Flags:
 
 
 _DEFAULTS = vars(Flags())
-_BOOL_FLAGS = {name for name, value in _DEFAULTS.items() if isinstance(value, bool)}
-_VALUE_FLAGS = {name for name, value in _DEFAULTS.items() if isinstance(value, str)} - {"action"}
+BOOL_FLAGS = {name for name, value in _DEFAULTS.items() if isinstance(value, bool)}
+# Flags that take a value: the native launcher is compiled with this list (shim/native/build.py).
+VALUE_FLAGS = {name for name, value in _DEFAULTS.items() if isinstance(value, str)} - {"action"}
 
 
 def parse_flags(argv: list[str]) -> tuple[Flags, list[str]]:
@@ -67,9 +68,9 @@ def parse_flags(argv: list[str]) -> tuple[Flags, list[str]]:
             break
         name, has_value, value = arg.lstrip("-").partition("=")
         key = name.replace("-", "_")
-        if key in _BOOL_FLAGS:
+        if key in BOOL_FLAGS:
             setattr(flags, key, value.lower() in ("1", "t", "true") if has_value else True)
-        elif key in _VALUE_FLAGS:
+        elif key in VALUE_FLAGS:
             if not has_value:
                 if not args:
                     raise UsageError(f"flag needs an argument: -{name}")

@@ -1,6 +1,8 @@
 """Builds the native shim launcher (launcher.c) with the C compiler the cffi helper needs.
 
-Imports nothing of ours: setup.py loads it before the package is installed.
+Imports only shim.flags (which imports nothing): setup.py loads it before the package is
+installed. The launcher parses containerd's flags as shim.flags does, with its list of flags
+that take a value given at compile time.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shim.flags import VALUE_FLAGS
+
 SOURCE = Path(__file__).with_name("launcher.c")
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror")
 
@@ -20,8 +24,10 @@ def build_launcher(output: Path) -> bool:
     """Compile the launcher to ``output``; False when no C compiler could (the shims are then
     the pure-Python console scripts)."""
     compiler = shlex.split(os.environ.get("CC", "cc"))
+    value_flags = ",".join(f'"{name}"' for name in sorted(VALUE_FLAGS))
+    defines = [f"-DVALUE_FLAGS={value_flags}"]
     try:
-        subprocess.run([*compiler, *CFLAGS, "-o", str(output), str(SOURCE)], check=True)
+        subprocess.run([*compiler, *CFLAGS, *defines, "-o", str(output), str(SOURCE)], check=True)
     except (OSError, subprocess.CalledProcessError) as exc:
         print(f"pyshim: no native shim launcher ({exc})", file=sys.stderr)
         return False

@@ -121,6 +121,10 @@ static void sha256_final(struct sha256 *h, unsigned char digest[32])
 
 /* ---- what shim/flags.py parse_flags finds ---- */
 
+#ifndef VALUE_FLAGS /* shim.flags.VALUE_FLAGS, as string literals: given by shim/native/build.py */
+#error "build the launcher with shim/native/build.py"
+#endif
+
 /* Whether the flag `name` (len bytes, leading dashes stripped) is `key`; `-` and `_` match. */
 static int flag_is(const char *name, size_t len, const char *key)
 {
@@ -134,8 +138,7 @@ static int flag_is(const char *name, size_t len, const char *key)
 
 static int is_value_flag(const char *name, size_t len)
 {
-    static const char *const value_flags[] = {"namespace",      "id",     "address", "bundle",
-                                              "publish_binary", "socket", "debug_socket"};
+    static const char *const value_flags[] = {VALUE_FLAGS};
     for (size_t i = 0; i < sizeof value_flags / sizeof value_flags[0]; i++)
         if (flag_is(name, len, value_flags[i]))
             return 1;
