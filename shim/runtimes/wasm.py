@@ -278,13 +278,17 @@ class WasmContainer(Container):
         os.close(start)
         return launched
 
-    async def kill(self, signal: int, all_processes: bool) -> None:
+    async def kill(self, signum: int, all_processes: bool) -> None:
         if self._init is None or self._init.exited.done():
             raise TtrpcError(Code.NOT_FOUND, "process already finished: not found")
         if all_processes and self._cgroup is not None:
-            self._cgroup.signal_all(signal)
+            self._cgroup.signal_all(signum)
         else:
-            os.kill(self._init.pid, signal)
+            os.kill(self._init.pid, signum)
+        if signum == signal.SIGKILL and self._cgroup is not None:
+            # As runc does: a frozen process acts on SIGKILL only once thawed, and a paused
+            # task that is killed (docker kill, rm -f) ends without waiting for a Resume.
+            await self._cgroup.set_frozen(False)
 
     async def delete(self, force: bool = False) -> None:
         if self._start_fd is not None:  # never started: the runner exits on the closed pipe

@@ -161,6 +161,19 @@ def test_pause_stops_the_loop_and_resume_continues(containerd: PrivateContainerd
     containerd.kill_and_delete("spin")
 
 
+def test_sigkill_ends_a_paused_task(containerd: PrivateContainerd) -> None:
+    """As runc does: a frozen process cannot act on SIGKILL, so the kill thaws it, and the
+    task ends without a Resume (Docker's `kill` and `rm -f` of a paused container)."""
+    containerd.run_detached("frozen", "/tick.wasm", image=IMAGE)
+    containerd.ctr("tasks", "pause", "frozen")
+    with containerd.events() as events:
+        containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "frozen")
+        events.wait_for("/tasks/exit", '"exit_status":137')
+    assert "/tasks/resumed" not in events.topics()
+    containerd.ctr("tasks", "delete", "frozen")
+    containerd.ctr("containers", "delete", "frozen")
+
+
 def test_exec_runs_modules_with_their_own_stdio_and_exit_code(
     containerd: PrivateContainerd,
 ) -> None:
