@@ -221,9 +221,10 @@ class KataContainer(Container):
             await self._joined.agent.remove_process(self._id, exec_id)
 
     async def delete(self, force: bool = False) -> None:
-        for relay in self._relays.values():
+        # Taken out first: an exec's delete_exec may run while a relay closes.
+        relays, self._relays = list(self._relays.values()), {}
+        for relay in relays:
             await relay.close()
-        self._relays.clear()
         vm = self._vm
         if vm is not None:
             vm.forget(self._id)

@@ -272,3 +272,43 @@ def test_what_the_service_writes_into_a_terminal_reaches_the_guest_stdin() -> No
 async def _never_ending(container_id: str, exec_id: str, offset: int) -> bytes:
     await asyncio.Event().wait()
     return b""
+
+
+class _SlowRelay:
+    def __init__(self, closing: asyncio.Event | None = None) -> None:
+        self.closing = closing
+        self.closed = False
+
+    async def close(self) -> None:
+        if self.closing is not None:
+            await self.closing.wait()
+        self.closed = True
+
+
+class _RemovingAgent:
+    async def remove_process(self, container_id: str, exec_id: str) -> None:
+        pass
+
+    async def remove_container(self, container_id: str) -> None:
+        pass
+
+
+def test_an_exec_deleted_while_the_container_is_deleted(tmp_path: Path) -> None:
+    """Docker deletes a killed container's exec and the container at once: each relay is
+    closed once, and neither delete fails."""
+
+    async def scenario() -> None:
+        vm = SimpleNamespace(agent=_RemovingAgent(), paths=VmPaths(tmp_path), forget=len)
+        container = _container(vm)
+        container._runtime = SimpleNamespace(leave=lambda _id: asyncio.sleep(0))  # type: ignore[assignment]
+        closing = asyncio.Event()
+        init, exec_ = _SlowRelay(closing), _SlowRelay()
+        container._relays = {"": init, "e1": exec_}  # type: ignore[dict-item]
+        deleting = asyncio.ensure_future(container.delete())
+        await asyncio.sleep(0)
+        await container.delete_exec("e1")
+        closing.set()
+        await deleting
+        assert (init.closed, exec_.closed, container._relays) == (True, True, {})
+
+    run(scenario())
