@@ -445,7 +445,7 @@ class TaskService:
             await asyncio.wait([container.exit_published], timeout=EXIT_PUBLISH_TIMEOUT)
         container.init.status = Status.DELETED  # a late exit of a never-started init is not news
         await container.backend.delete()
-        for process in container.execs.values():
+        for process in list(container.execs.values()):  # an exec's own Delete may run meanwhile
             if process.io is not None:
                 await process.io.close()
         if container.rootfs:
