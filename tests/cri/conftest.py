@@ -8,6 +8,7 @@ and fails the test if a shim process, a mount or runsc state outlived them.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,12 +36,12 @@ def cri(containerd: PrivateContainerd) -> Iterator[CriClient]:
         yield client
 
 
-def runsc_state(containerd: PrivateContainerd, cri: CriClient) -> list[str]:
+def runsc_state(containerd: PrivateContainerd, cri: CriClient) -> list[Path]:
     """runsc's state files of the test's pods and containers (runsc names them by id)."""
     root = RUNSC_ROOT / containerd.namespace
     if not root.is_dir():
         return []
-    return [f"runsc state {p}" for p in root.iterdir() if any(i in p.name for i in cri.created)]
+    return [p for p in root.iterdir() if any(i in p.name for i in cri.created)]
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +60,15 @@ def clean_pods(containerd: PrivateContainerd, cri: CriClient) -> Iterator[None]:
     cri.remove_all()
 
     def leftovers() -> list[str]:
-        return containerd.leftovers() + runsc_state(containerd, cri)
+        state = [f"runsc state {path}" for path in runsc_state(containerd, cri)]
+        return containerd.leftovers() + state
 
-    fail_if_left(containerd, leftovers, timeout=10)
+    def force_clean() -> None:
+        containerd.force_clean()  # its sandboxes are killed with the run's cgroups at the end
+        for path in runsc_state(containerd, cri):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+    fail_if_left(leftovers, force_clean, timeout=10)

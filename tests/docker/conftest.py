@@ -8,6 +8,7 @@ the test if a shim process, a mount or one of dockerd's FIFO dirs outlived them.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,16 +50,27 @@ def wasm_image(dockerd: PrivateDockerd, tmp_path_factory: pytest.TempPathFactory
     dockerd.docker("load", "-i", str(build_image(tmp_path_factory.mktemp("wasm"))), timeout=120)
 
 
-def leftovers(containerd: PrivateContainerd, dockerd: PrivateDockerd) -> list[str]:
+def fifo_dirs(dockerd: PrivateDockerd) -> list[Path]:
     fifo_root = dockerd.exec_root / "containerd"
-    fifo_dirs = sorted(fifo_root.iterdir()) if fifo_root.is_dir() else []
+    return sorted(fifo_root.iterdir()) if fifo_root.is_dir() else []
+
+
+def leftovers(containerd: PrivateContainerd, dockerd: PrivateDockerd) -> list[str]:
     idle = {f"mount {point}" for point in dockerd.idle_mounts}
     found = [problem for problem in containerd.leftovers() if problem not in idle]
-    return found + [f"docker FIFO dir {d}" for d in fifo_dirs]
+    return found + [f"docker FIFO dir {d}" for d in fifo_dirs(dockerd)]
+
+
+def force_clean(containerd: PrivateContainerd, dockerd: PrivateDockerd) -> None:
+    containerd.force_clean()
+    for directory in fifo_dirs(dockerd):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
 def clean_docker(containerd: PrivateContainerd, dockerd: PrivateDockerd) -> Iterator[None]:
     yield
     dockerd.remove_all()
-    fail_if_left(containerd, lambda: leftovers(containerd, dockerd), timeout=15)
+    fail_if_left(
+        lambda: leftovers(containerd, dockerd), lambda: force_clean(containerd, dockerd), timeout=15
+    )

@@ -21,4 +21,4 @@ def containerd() -> Iterator[PrivateContainerd]:
 def clean_containerd(containerd: PrivateContainerd) -> Iterator[None]:
     yield
     containerd.remove_all()
-    fail_if_left(containerd, containerd.leftovers, timeout=10)
+    fail_if_left(containerd.leftovers, containerd.force_clean, timeout=10)

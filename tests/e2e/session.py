@@ -26,11 +26,13 @@ def private_containerd(*, cri: bool = False) -> Iterator[PrivateContainerd]:
 
 
 def fail_if_left(
-    containerd: PrivateContainerd, leftovers: Callable[[], list[str]], timeout: float
+    leftovers: Callable[[], list[str]], force_clean: Callable[[], None], timeout: float
 ) -> None:
+    """`force_clean` must remove all that `leftovers` reports, so that one failed test does not
+    fail every test after it."""
     # Shims exit (and runtimes clear their state) shortly after the last task is deleted.
     wait_until(lambda: not leftovers(), timeout=timeout, interval=0.1)
     found = leftovers()
     if found:
-        containerd.force_clean()
+        force_clean()
         pytest.fail("test left behind:\n  " + "\n  ".join(found), pytrace=False)
