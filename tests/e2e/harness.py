@@ -202,6 +202,22 @@ def process_args(pid: int) -> tuple[list[str], list[str]]:
     return [a.decode(errors="replace") for a in argv], [e.decode(errors="replace") for e in env]
 
 
+def child_pids(parents: Sequence[int]) -> list[int]:
+    """The processes whose parent is one of `parents`."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        # comm, in parentheses, may hold spaces: the fields after its last ')' are state, ppid
+        if int(stat.rpartition(")")[2].split()[1]) in parents:
+            children.append(int(entry.name))
+    return children
+
+
 def process_comm(pid: int) -> str:
     """The process name (/proc/PID/comm), "" if it is gone."""
     try:
@@ -843,7 +859,9 @@ class PrivateContainerd:
 
     def force_clean(self) -> None:
         """Kill our shims and detach mounts, so a broken test does not break the next."""
-        for pid in self.shim_pids(include_templates=True):
+        shims = self.shim_pids(include_templates=True)
+        # With them their children: a SIGKILLed shim leaves them running (a VM's QEMU, too).
+        for pid in shims + child_pids(shims):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         wait_until(lambda: not self.shim_pids(include_templates=True), timeout=5)
