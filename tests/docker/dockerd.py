@@ -161,10 +161,6 @@ class PrivateDockerd:
     def restart(self, live_restore: bool | None = None) -> None:
         if live_restore is not None:
             self.live_restore = live_restore
-        # runsc flags for the `pyrunsc` runtime entry: its debug log, which shows that the
-        # options reached the shim.
-        self.runsc_config = self.base / "runsc.toml"
-        self.runsc_debug_log = self.base / "runsc-debug"
         self.stop()
         self.start()
 
