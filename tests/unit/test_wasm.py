@@ -15,7 +15,7 @@ from shim.runtimes.base import ContainerConfig, ProcessStdio, ShimContext
 from shim.runtimes.runc import RuncContainer, RuncRuntime
 from shim.runtimes.wasm import WasmContainer, WasmRuntime, is_pod_sandbox, runner_request
 from shim.sys import cgroup_limits
-from shim.sys.cgroup_limits import cpu_weight
+from shim.sys.cgroup_limits import cpu_weight, refuse_unapplied, unapplied
 from shim.sys.cgroups import Cgroup
 from shim.sys.reaper import Reaper
 from shim.ttrpc.errors import Code, TtrpcError
@@ -267,9 +267,6 @@ def test_v1_cpu_shares_and_quota_are_written(tmp_path: Path, v1_cgroup: Containe
 
 
 def test_update_settings_that_are_not_written_are_refused_by_name() -> None:
-    from shim.sys.cgroup_limits import refuse_unapplied, unapplied
-    from shim.ttrpc.errors import Code, TtrpcError
-
     # docker sends every field; zero and empty ones are not settings.
     docker_update = {
         "cpu": {"shares": 512, "quota": 0, "period": 0, "cpus": "", "mems": ""},
