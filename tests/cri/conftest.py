@@ -3,7 +3,8 @@ handlers `pyshim install` registers (plus `runc`, containerd's own shim, as the 
 driven through the CRI gRPC API as the kubelet drives it.
 
 After every test the autouse `clean_pods` removes every pod, as a kubelet draining the node,
-and fails the test if a shim process, a mount or runsc state outlived them.
+and fails the test if a shim process, a mount, runsc state or anything of a pod's network (its
+netns, its veth on the session's bridge, its address lease) outlived them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
 from cri_client import CriClient, cri_client
-from harness import PrivateContainerd
+from harness import PrivateContainerd, detach_mounts
 from runsc_support import RUNSC_ROOT
 from session import fail_if_left, private_containerd
 from wasm_image import IMAGE as WASM_IMAGE
@@ -61,7 +62,8 @@ def clean_pods(containerd: PrivateContainerd, cri: CriClient) -> Iterator[None]:
 
     def leftovers() -> list[str]:
         state = [f"runsc state {path}" for path in runsc_state(containerd, cri)]
-        return containerd.leftovers() + state
+        netns = [f"network namespace {path}" for path in cri.netns_left()]
+        return containerd.leftovers() + state + netns
 
     def force_clean() -> None:
         containerd.force_clean()  # its sandboxes are killed with the run's cgroups at the end
@@ -70,5 +72,8 @@ def clean_pods(containerd: PrivateContainerd, cri: CriClient) -> Iterator[None]:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+        for path in cri.netns_left():  # containerd's bind mount of the netns, then its file
+            detach_mounts([path])
+            path.unlink(missing_ok=True)
 
     fail_if_left(leftovers, force_clean, timeout=10)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -53,6 +54,7 @@ class CriClient:
         self.cgroup_parent = "/" + cgroup_parent.strip("/")
         self.log_root = log_root
         self.created: set[str] = set()  # every pod and container id, for leftover checks
+        self.netns_paths: set[Path] = set()  # the network namespaces of our CNI pods
 
     def close(self) -> None:
         self.channel.close()
@@ -81,8 +83,12 @@ class CriClient:
         name: str = "",
         pid_mode: int = CONTAINER,
         annotations: Mapping[str, str] | None = None,
+        network: int = NODE,
+        hostname: str = "",
+        dns: cri.DNSConfig | None = None,
     ) -> Pod:
-        """A host-network pod (no CNI needed) under the test's cgroup parent."""
+        """A pod under the test's cgroup parent: on the host's network (no CNI needed), or with
+        network=POD, in a network namespace of its own on the session's CNI network."""
         name = name or f"pod-{uuid.uuid4().hex[:8]}"
         uid = uuid.uuid4().hex
         log_directory = self.log_root / uid
@@ -90,11 +96,17 @@ class CriClient:
         config = cri.PodSandboxConfig(
             metadata=cri.PodSandboxMetadata(name=name, uid=uid, namespace="default", attempt=0),
             log_directory=str(log_directory),
+            hostname=hostname,
+            dns_config=dns,
             annotations=dict(annotations or {}),
             linux=cri.LinuxPodSandboxConfig(
                 cgroup_parent=self.cgroup_parent,
                 security_context=cri.LinuxSandboxSecurityContext(
-                    namespace_options=cri.NamespaceOption(network=NODE, pid=pid_mode, ipc=NODE)
+                    # a pod network is the pod's own; IPC only follows it (as the kubelet's
+                    # hostIPC: false)
+                    namespace_options=cri.NamespaceOption(
+                        network=network, pid=pid_mode, ipc=NODE if network == NODE else POD
+                    )
                 ),
             ),
         )
@@ -102,7 +114,25 @@ class CriClient:
             "RunPodSandbox", cri.RunPodSandboxRequest(config=config, runtime_handler=handler)
         )
         self.created.add(response.pod_sandbox_id)
-        return Pod(response.pod_sandbox_id, config, handler)
+        pod = Pod(response.pod_sandbox_id, config, handler)
+        if network != NODE:
+            self.netns_paths.update(self.namespace_paths(pod, "network"))
+        return pod
+
+    def pod_ip(self, pod: Pod) -> str:
+        """The address CNI gave the pod, as PodSandboxStatus reports it."""
+        return str(self.pod_status(pod).status.network.ip)
+
+    def namespace_paths(self, pod: Pod, kind: str) -> list[Path]:
+        """The paths of the pod's namespaces of this kind in its sandbox's OCI spec (the
+        verbose status's info): containerd's bind mount of a CNI pod's netns, for instance."""
+        info = json.loads(self.pod_status(pod, verbose=True).info.get("info", "{}"))
+        namespaces = (info.get("runtimeSpec") or {}).get("linux", {}).get("namespaces", [])
+        return [Path(n["path"]) for n in namespaces if n.get("type") == kind and n.get("path")]
+
+    def netns_left(self) -> list[Path]:
+        """The network namespaces of our pods that containerd has not removed."""
+        return sorted(p for p in self.netns_paths if p.exists())
 
     def pod_status(self, pod: Pod | str, verbose: bool = False) -> Any:
         pod_id = pod.id if isinstance(pod, Pod) else pod

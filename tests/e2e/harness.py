@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple
 
+from podnet import CNI_BIN_DIR, PodNetwork
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 IMAGE_TAR = REPO / "var" / "images" / "busybox.tar"
@@ -359,6 +361,9 @@ class PrivateContainerd:
         self.fifo_dir = self.base / "fifo"
         self.log_path = self.base / "containerd.log"
         self.snapshotter = "overlayfs" if overlay_works(self.base / "overlay-probe") else "native"
+        # With cri, pods that do not use the host's network get one of their own on this bridge.
+        self.pod_network = PodNetwork.for_session(self.base) if cri else None
+        self._ip_forward = ""
         self._extra_env = dict(env or {})
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -382,6 +387,8 @@ class PrivateContainerd:
         (self.base / "config.toml").write_text(self._config_toml())
         if self.cri:
             self._install_handlers()
+        if self.pod_network is not None:
+            self._ip_forward = self.pod_network.install(self.base / "cni-conf")
         self._launch()
         self.ctr("images", "import", str(IMAGE_TAR), timeout=120)
         if self.cri:
@@ -440,12 +447,12 @@ class PrivateContainerd:
             raise HarnessError(f"pyshim install failed:\n{installed.stdout}{installed.stderr}")
 
     def _cri_config_toml(self) -> str:
-        """CRI: the offline pause image, no CNI (pods use the host network), the streaming
-        server on loopback, and containerd's own runc shim as the reference handler `runc`.
-        Root here lacks CAP_SYS_RESOURCE, so no oom_score_adj may go below containerd's own
+        """CRI: the offline pause image, the session's CNI pod network (podnet.py), the
+        streaming server on loopback, and containerd's own runc shim as the reference handler
+        `runc`. Root here lacks CAP_SYS_RESOURCE, so no oom_score_adj may go below containerd's own
         (CRI gives pause -998 otherwise, and runc init dies)."""
         pause = image_ref(ensure_image(pause=True))
-        cni = f'  bin_dir = "{self.base / "cni-bin"}"\n  conf_dir = "{self.base / "cni-conf"}"\n'
+        cni = f'  bin_dir = "{CNI_BIN_DIR}"\n  conf_dir = "{self.base / "cni-conf"}"\n'
         server = '  stream_server_address = "127.0.0.1"\n  stream_server_port = "0"\n'
         oom = "  restrict_oom_score_adj = true\n"
         if self.config_version == 2:
@@ -532,6 +539,8 @@ class PrivateContainerd:
             orphans = self._kill_container_processes()
             self._remove_dead_shim_sockets()
             detach_mounts(mounts_under(self.base))
+            if self.pod_network is not None:
+                self.pod_network.remove(self._ip_forward)
             shutil.rmtree(self.base, ignore_errors=True)
             self._remove_namespace_dirs()
         problems = [f"shim templates {stayed} outlived their containerd"] if stayed else []
@@ -855,6 +864,8 @@ class PrivateContainerd:
         problems = [f"shim process {pid}: {process_args(pid)[0]}" for pid in self.shim_pids()]
         problems += [f"mount {point}" for point in mounts_under(self.base)]
         problems += [f"FIFO dir {entry}" for entry in sorted(self.fifo_dir.iterdir())]
+        if self.pod_network is not None:
+            problems += self.pod_network.leftovers()
         return problems
 
     def force_clean(self) -> None:
@@ -869,6 +880,8 @@ class PrivateContainerd:
         detach_mounts(mounts_under(self.base))
         for entry in self.fifo_dir.iterdir():
             shutil.rmtree(entry, ignore_errors=True)
+        if self.pod_network is not None:
+            self.pod_network.force_clean()
 
 
 # -- demo (scripts/demo) ---------------------------------------------------------------------
