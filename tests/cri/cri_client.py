@@ -19,6 +19,7 @@ from harness import PrivateContainerd
 NODE = cri.NamespaceMode.NODE
 CONTAINER = cri.NamespaceMode.CONTAINER
 POD = cri.NamespaceMode.POD
+VM_HANDLERS = {"pykata"}  # a VM cannot share the node's network: its pods always get a netns
 CALL_TIMEOUT = 120.0  # a gVisor sandbox or a module compile takes seconds; a hang fails
 
 
@@ -83,12 +84,15 @@ class CriClient:
         name: str = "",
         pid_mode: int = CONTAINER,
         annotations: Mapping[str, str] | None = None,
-        network: int = NODE,
+        network: int | None = None,
         hostname: str = "",
         dns: cri.DNSConfig | None = None,
     ) -> Pod:
-        """A pod under the test's cgroup parent: on the host's network (no CNI needed), or with
-        network=POD, in a network namespace of its own on the session's CNI network."""
+        """A pod under the test's cgroup parent: with network=POD in a network namespace of its
+        own on the session's CNI network, with NODE on the host's network. The default is the
+        host's, except for a VM handler."""
+        if network is None:
+            network = POD if handler in VM_HANDLERS else NODE
         name = name or f"pod-{uuid.uuid4().hex[:8]}"
         uid = uuid.uuid4().hex
         log_directory = self.log_root / uid
