@@ -38,6 +38,7 @@ from shim.runtimes.runc import RuncRuntime
 from shim.sys.cgroup_limits import refuse_unapplied
 from shim.sys.spawn import fork_call
 from shim.ttrpc.errors import Code, TtrpcError
+from shim.wasm import context as wasm_context
 from shim.wasm import runner
 from shim.wasm.cgroup import ContainerCgroup, cgroup_path
 
@@ -83,8 +84,11 @@ def _entrypoint(rootfs: str, cwd: str, name: str, env: Sequence[str]) -> str:
     return _inside(rootfs, os.path.join(cwd, name))
 
 
-def runner_request(process: Mapping[str, Any], rootfs: str) -> str:
-    """The runner's REQUEST for an OCI Process: checks that args[0] is a wasm module."""
+def runner_request(
+    process: Mapping[str, Any], rootfs: str, context: wasm_context.Context | None = None
+) -> str:
+    """The runner's REQUEST for an OCI Process: checks that args[0] is a wasm module.
+    `context`: the namespaces and mounts to enter (none: the shim's own)."""
     args = [str(a) for a in process.get("args") or []]
     if not args:
         raise TtrpcError(Code.INVALID_ARGUMENT, "process.args is empty: no module to run")
@@ -112,6 +116,7 @@ def runner_request(process: Mapping[str, Any], rootfs: str) -> str:
         "env": env,
         "cache_dir": os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR,
         "cache_max_bytes": CACHE_MAX_BYTES,
+        "context": context or wasm_context.plan({}),
     }
     return json.dumps(request)
 
@@ -196,7 +201,8 @@ class WasmContainer(Container):
         root = self._spec.get("root", {}).get("path") or "rootfs"
         self._rootfs = os.path.realpath(os.path.join(self._config.bundle, root))
         process = self._spec.get("process") or {}
-        request = runner_request(process, self._rootfs)
+        context = wasm_context.plan(self._spec)
+        request = runner_request(process, self._rootfs, context)
         try:
             self._cgroup = ContainerCgroup(
                 cgroup_path(self._spec, self._context.namespace, self._id)
@@ -205,20 +211,32 @@ class WasmContainer(Container):
             self._cgroup.set_resources(self._spec.get("linux", {}).get("resources") or {})
         except (OSError, ValueError) as exc:
             raise TtrpcError(Code.UNKNOWN, f"cannot set up the container's cgroup: {exc}") from exc
-        self._init, self._start_fd = await self._launch(self._id, request, self._config.stdio)
+        self._init, self._start_fd = await self._launch(
+            self._id, request, context, self._config.stdio
+        )
         pid_file = os.path.join(self._config.bundle, INIT_PID_FILE)
         with open(os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write(str(self._init.pid))
         return self._init
 
-    async def _launch(self, label: str, request: str, stdio: ProcessStdio) -> tuple[Launched, int]:
+    async def _launch(
+        self, label: str, request: str, context: wasm_context.Context, stdio: ProcessStdio
+    ) -> tuple[Launched, int]:
         """Start a runner in the cgroup and wait until its module is loaded; returns it and
         the write end of its start pipe."""
         assert self._cgroup is not None
-        report_read, report_write = os.pipe()
-        start_read, start_write = os.pipe()
-        master = None
+        try:
+            namespaces = wasm_context.open_namespaces(context["join"])
+        except OSError as exc:
+            raise TtrpcError(
+                Code.FAILED_PRECONDITION, f"cannot enter the container: {exc}"
+            ) from exc
         with contextlib.ExitStack() as child_ends:
+            for fd in namespaces:
+                child_ends.callback(os.close, fd)
+            report_read, report_write = os.pipe()
+            start_read, start_write = os.pipe()
+            master = None
             for fd in (report_write, start_read):
                 child_ends.callback(os.close, fd)
             if stdio.terminal:
@@ -231,7 +249,12 @@ class WasmContainer(Container):
             pid, exited = fork_call(
                 self._context.reaper,
                 lambda: runner.run(request, label),
-                fds={**fds, runner.REPORT_FD: report_write, runner.START_FD: start_read},
+                fds={
+                    **fds,
+                    runner.REPORT_FD: report_write,
+                    runner.START_FD: start_read,
+                    **{runner.NAMESPACE_FD + i: fd for i, fd in enumerate(namespaces)},
+                },
             )
         self._children[pid] = exited
         exited.add_done_callback(lambda _: self._children.pop(pid, None))
@@ -245,7 +268,7 @@ class WasmContainer(Container):
             except TimeoutError:
                 problem = f"not loaded within {READY_TIMEOUT} s"
             if problem is not None:
-                raise TtrpcError(Code.UNKNOWN, f"wasm module failed to load: {problem}")
+                raise TtrpcError(Code.UNKNOWN, f"wasm process not started: {problem}")
         except BaseException:  # cancelled too: nothing may outlive a failed create or exec
             self._abandon(pid, exited, start_write, master, reports)
             raise
@@ -271,8 +294,13 @@ class WasmContainer(Container):
         return None
 
     async def exec(self, exec_id: str, process: Mapping[str, Any], stdio: ProcessStdio) -> Launched:
-        request = runner_request(process, self._rootfs)
-        launched, start = await self._launch(f"{self._id}/{exec_id}", request, stdio)
+        if self._init is None or self._init.exited.done():
+            raise TtrpcError(Code.FAILED_PRECONDITION, "the container's module has exited")
+        # The namespaces the init was given afresh are joined by its /proc/PID/ns files:
+        # _launch opens them at once, while the pid is still ours (not reaped).
+        context = wasm_context.plan(self._spec, self._init.pid)
+        request = runner_request(process, self._rootfs, context)
+        launched, start = await self._launch(f"{self._id}/{exec_id}", request, context, stdio)
         with contextlib.suppress(BrokenPipeError):
             os.write(start, b"\1")
         os.close(start)

@@ -2,16 +2,17 @@
 shown as ``pyshim-wasm LABEL``.
 
 The shim forks it (shim.sys.spawn.fork_call) with the process's stdio on fds 0-2, a report pipe
-on fd 3 and a start pipe on fd 4. It compiles (or loads from the cache) and instantiates the
-module, reports "ready", and runs the module only when the shim writes to the start pipe: by
-then it is in the container's cgroup and containerd has asked for Start. Its exit code is the
-module's.
+on fd 3, a start pipe on fd 4 and the namespaces to join from fd 5 on. It enters the container's
+namespaces and mounts, compiles (or loads from the cache) and instantiates the module, reports
+"ready", and runs the module only when the shim writes to the start pipe: by then it is in the
+container's cgroup and containerd has asked for Start. Its exit code is the module's.
 
 REQUEST is JSON: module and rootfs (host paths), cwd (a host directory inside the rootfs, or
-null for "/"), args, env, cache_dir, cache_max_bytes. Memory is limited by the container's
-cgroup alone, as for a Linux container: Update changes it live, and a module past it is
-OOM-killed (the kubelet's OOMKilled) instead of seeing malloc fail. Reports are JSON lines
-on fd 3; the shim logs them.
+null for "/"), args, env, cache_dir, cache_max_bytes, and context (shim.wasm.context.Context:
+the namespaces and bind mounts entered before anything else, so that the preopened rootfs
+shows the spec's bind mounts). Memory is limited by the container's cgroup alone, as for a
+Linux container: Update changes it live, and a module past it is OOM-killed (the kubelet's
+OOMKilled) instead of seeing malloc fail. Reports are JSON lines on fd 3; the shim logs them.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from typing import Any
 import wasmtime
 
 from shim.sys.cmdline import set_cmdline, set_comm
+from shim.wasm import context
 from shim.wasm.cache import ModuleCache
 
 REPORT_FD = 3
 START_FD = 4
+NAMESPACE_FD = 5  # the namespace files to join, on 5, 6, ... in the order of context["join"]
 # What `wasmtime run` exits with on a trap: 128 + SIGABRT, as if the program had aborted.
 TRAP_EXIT = 134
 FAILED_EXIT = 125  # the module never ran
@@ -47,6 +50,13 @@ def run(request_json: str, label: str) -> int:
     set_cmdline([PROCESS_NAME, label])
     request = json.loads(request_json)
     try:
+        # Before wasmtime starts any thread: setns and unshare act on the calling thread.
+        joins = range(NAMESPACE_FD, NAMESPACE_FD + len(request["context"]["join"]))
+        context.enter(request["context"], request["rootfs"], joins)
+    except OSError as exc:
+        report(error=f"cannot enter the container's namespaces and mounts: {exc}")
+        return FAILED_EXIT
+    try:
         engine = wasmtime.Engine()
         started = time.monotonic()
         cache = ModuleCache(request["cache_dir"], request["cache_max_bytes"])
@@ -65,7 +75,7 @@ def run(request_json: str, label: str) -> int:
         if not isinstance(entry, wasmtime.Func):
             raise ValueError("the module exports no _start function (not a WASI command)")
     except (OSError, ValueError, wasmtime.WasmtimeError) as exc:
-        report(error=str(exc))
+        report(error=f"the module failed to load: {exc}")
         return FAILED_EXIT
     report(ready=True)
     if not os.read(START_FD, 1):
