@@ -180,6 +180,13 @@ class AgentClient:
         """The first OOM event numbered above `after` (0 at first), once there is one."""
         return await self._call("WaitOom", api.WaitOomRequest(after=after), api.WaitOomResponse)
 
+    async def update_interface(self, interface: api.Interface) -> None:
+        request = api.UpdateInterfaceRequest(interface=interface)
+        await self._call("UpdateInterface", request, Empty)
+
+    async def update_routes(self, mac: str, routes: list[api.Route]) -> None:
+        await self._call("UpdateRoutes", api.UpdateRoutesRequest(mac=mac, routes=routes), Empty)
+
 
 def _container(container_id: str) -> api.ContainerRequest:
     return api.ContainerRequest(container_id=container_id)

@@ -310,6 +310,18 @@ class AgentService:
         sequence, container_id = await self._oom_log.wait(request.after)
         return api.WaitOomResponse(sequence=sequence, container_id=container_id)
 
+    async def UpdateInterface(self, request: api.UpdateInterfaceRequest, ctx: CallContext) -> Any:
+        from shim.agent.network import update_interface  # a pod with a network only
+
+        update_interface(request.interface)  # a few netlink round trips: not worth a thread
+        return Empty()
+
+    async def UpdateRoutes(self, request: api.UpdateRoutesRequest, ctx: CallContext) -> Any:
+        from shim.agent.network import update_routes
+
+        update_routes(request.mac, list(request.routes))
+        return Empty()
+
     # -- shutdown --------------------------------------------------------------------------
 
     async def close(self) -> None:

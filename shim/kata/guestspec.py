@@ -40,8 +40,11 @@ def guest_spec(
     *,
     vm_pid: int,
     sandbox_guest_pid: int | None,
+    vm_netns: str = "",
 ) -> dict[str, Any]:
-    """`spec` for the guest agent; its rootfs is given to the agent apart."""
+    """`spec` for the guest agent; its rootfs is given to the agent apart. `vm_netns`: the
+    host netns whose network the VM has; in the guest that is the root netns, where the NIC is,
+    so a container given that netns (the pod's sandbox) stays in the guest's."""
     guest = copy.deepcopy(dict(spec))
     shared = container_dir_in_guest(container_id)
     for index, mount in enumerate(guest.get("mounts") or []):
@@ -50,6 +53,8 @@ def guest_spec(
     linux = guest.setdefault("linux", {})
     namespaces = []
     for namespace in linux.get("namespaces") or []:
+        if vm_netns and namespace.get("type") == "network" and namespace.get("path") == vm_netns:
+            continue
         match = _PROC_NS.fullmatch(namespace.get("path", ""))
         if match and int(match[1]) == vm_pid and sandbox_guest_pid:
             namespace["path"] = f"/proc/{sandbox_guest_pid}/ns/{namespace['path'].rsplit('/')[-1]}"

@@ -66,6 +66,11 @@ class VmPaths:
         return self.root / "qemu.pid"
 
     @property
+    def network_record(self) -> Path:
+        """What was made in the pod's netns for the VM (shim.kata.network.Plumbing)."""
+        return self.root / "network.json"
+
+    @property
     def staging(self) -> Path:
         """Where a container's shared tree is built, out of the guest's sight."""
         return self.root / "staging"
@@ -126,6 +131,15 @@ def destroy_dead_vm(paths: VmPaths) -> None:
         deadline = time.monotonic() + KILL_WAIT
         while qemu_pid(paths) and time.monotonic() < deadline:
             time.sleep(0.02)
+    if paths.network_record.exists():
+        from shim.kata.network import Plumbing, unplumb  # pyroute2: only for a pod's network
+
+        plumbing = Plumbing.read(paths.network_record)
+        if plumbing is not None:
+            try:
+                unplumb(plumbing)
+            except Exception:
+                log.exception("cannot remove the VM's tap and qdiscs in %s", plumbing.netns)
     remove_vm_dir(paths)
 
 

@@ -17,9 +17,10 @@ import os
 import shlex
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shim.agent.client import AgentClient
 from shim.kata import pvh
@@ -35,7 +36,10 @@ from shim.vm.accel import choose_accel
 from shim.vm.guest import GuestMount, GuestSetup, init_script
 from shim.vm.initramfs import initramfs
 from shim.vm.kernel import Kernel, find_kernel
-from shim.vm.qemu import Accel, SerialPort, Share, VmConfig, command_line, kernel_append
+from shim.vm.qemu import Accel, Nic, SerialPort, Share, VmConfig, command_line, kernel_append
+
+if TYPE_CHECKING:
+    from shim.kata.network import Plumbed
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,8 @@ AGENT_PORT = "agent.channel.0"
 SHARED_TAG = "pyshimShared"
 # 9p over virtio-pci, the agent's port, entropy for Python's start.
 MODULES = ("virtio_pci", "9pnet_virtio", "9p", "virtio_console", "virtio_rng")
+NIC_MODULES = ("virtio_net",)  # with net_failover and failover, its dependencies
+TAP_FD = 3  # the tap's fd in QEMU
 GUEST_ETC_FILES = ("ld.so.cache",)  # all the guest's programs need of the host's /etc
 _TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # A boot fills ~84 MB of QEMU's default cache; capped at 32 MB it is retranslated, no slower
@@ -62,6 +68,7 @@ class Vm:
         self.config = config
         self.accel: Accel = "tcg"
         self.pid = 0
+        self.netns = ""  # the pod's netns whose network the VM has ("": none)
         self.exited: asyncio.Future[Exit] | None = None
         self._agent: AgentClient | None = None
         self._oom_reporters: dict[str, Callable[[], None]] = {}
@@ -75,8 +82,9 @@ class Vm:
             raise VmGone()
         return self._agent
 
-    async def boot(self, size: VmSize) -> None:
-        """Start QEMU and wait until the agent answers; on failure nothing is left running."""
+    async def boot(self, size: VmSize, netns: str = "") -> None:
+        """Start QEMU and wait until the agent answers; on failure nothing is left running.
+        With `netns`, the VM gets that netns's network (a NIC if it has an interface)."""
         loop = asyncio.get_running_loop()
         began = loop.time()
         try:
@@ -84,13 +92,18 @@ class Vm:
         except FileNotFoundError as exc:
             raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
         self.accel = await self._choose_accel(kernel)
-        try:  # whatever fails from here on, QEMU and the VM's directory go
+        tap_fd = -1
+        try:  # whatever fails from here on, QEMU, the tap and the VM's directory go
             # Root's only, whatever umask containerd gave us: rootfs binds and the agent's socket.
             BASE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.paths.root.mkdir(mode=0o700, exist_ok=True)
             self.paths.shared.mkdir(exist_ok=True)
             self.paths.staging.mkdir(exist_ok=True)
-            self._write_guest_files(kernel)
+            plumbed = await self._plumb(netns) if netns else None
+            interface = plumbed.network.interface if plumbed else None
+            tap_fd = plumbed.tap_fd if plumbed else -1
+            self._write_guest_files(kernel, nic=interface is not None)
+            nics = [Nic(TAP_FD, interface.mac, interface.mtu)] if interface else []
             vm_config = VmConfig(
                 kernel=await self._boot_image(kernel),
                 initrd=self.paths.initrd,
@@ -102,14 +115,19 @@ class Vm:
                 shares=self._shares(),
                 serial_ports=[SerialPort(AGENT_PORT, self.paths.agent_socket)],
                 tcg_cache_mb=TCG_CACHE_MB,
+                nics=nics,
             )
             log_fd = os.open(self.paths.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fds = {1: log_fd, 2: log_fd, **({TAP_FD: tap_fd} if nics else {})}
             try:
                 self.pid, self.exited = spawn(
-                    self._context.reaper, command_line(vm_config), fds={1: log_fd, 2: log_fd}
+                    self._context.reaper, command_line(vm_config), fds=fds
                 )
             finally:
                 os.close(log_fd)
+                if tap_fd >= 0:  # QEMU's now: the tap goes when QEMU does
+                    tap_fd, closing = -1, tap_fd
+                    os.close(closing)
             self.paths.pid_file.write_text(str(self.pid))
             started = loop.time()
             log.info(
@@ -126,10 +144,53 @@ class Vm:
                 self.paths.root.name,
                 loop.time() - started,
             )
+            if plumbed is not None and interface is not None:
+                await self._configure_nic(plumbed)
         except BaseException:
+            if tap_fd >= 0:
+                os.close(tap_fd)
             await self.destroy()
             raise
         self._oom_task = loop.create_task(self._watch_oom())
+
+    async def _plumb(self, netns: str) -> Plumbed:
+        """The netns's network, and a tap joined to its interface (recorded first, so that
+        every cleanup finds it)."""
+        from shim.kata import network
+
+        plumbing = network.Plumbing(netns)
+        plumbing.write(self.paths.network_record)
+        self.netns = netns
+        began = time.monotonic()
+        plumbing_done = asyncio.ensure_future(asyncio.to_thread(network.plumb, plumbing))
+        try:
+            plumbed = await asyncio.shield(plumbing_done)
+        except asyncio.CancelledError:  # the thread carries on: its tap must not outlive us
+            with contextlib.suppress(Exception):
+                os.close((await plumbing_done).tap_fd)
+            raise
+        except OSError as exc:
+            raise TtrpcError(
+                Code.FAILED_PRECONDITION, f"cannot give the VM the network of {netns}: {exc}"
+            ) from exc
+        interface = plumbed.network.interface
+        log.info(
+            "VM %s: %s in %s, %.2f s to plumb",
+            self.paths.root.name,
+            f"{interface.name} {interface.mac} {interface.addresses}" if interface else "no NIC",
+            netns,
+            time.monotonic() - began,
+        )
+        return plumbed
+
+    async def _configure_nic(self, plumbed: Plumbed) -> None:
+        """The guest's NIC gets the pod interface's addresses, MTU and routes."""
+        from shim.kata.network import interface_request, route_requests
+
+        interface = plumbed.network.interface
+        assert interface is not None and self._agent is not None
+        await self._agent.update_interface(interface_request(interface))
+        await self._agent.update_routes(interface.mac, route_requests(plumbed.network.routes))
 
     async def _choose_accel(self, kernel: Kernel) -> Accel:
         forced = "" if self.config.accel == "auto" else self.config.accel
@@ -155,12 +216,12 @@ class Vm:
             return kernel.vmlinuz
         return image
 
-    def _write_guest_files(self, kernel: Kernel) -> None:
+    def _write_guest_files(self, kernel: Kernel, *, nic: bool) -> None:
         self.paths.guest_etc.mkdir(exist_ok=True)
         for name in GUEST_ETC_FILES:
             with contextlib.suppress(FileNotFoundError):
                 (self.paths.guest_etc / name).write_bytes(Path("/etc", name).read_bytes())
-        modules = kernel.modules_in_load_order(MODULES)
+        modules = kernel.modules_in_load_order(MODULES + (NIC_MODULES if nic else ()))
         image = initramfs(
             Path(self.config.busybox).read_bytes(),
             [(m.name, m.read_bytes()) for m in modules],
@@ -287,7 +348,22 @@ class Vm:
             self._oom_task.cancel()
         if self._agent is not None:
             await self._agent.close()
+        await self._unplumb()
         remove_vm_dir(self.paths)
+
+    async def _unplumb(self) -> None:
+        """The tap (gone with QEMU, unless QEMU never got it) and the qdiscs in the netns."""
+        if not self.paths.network_record.exists():
+            return
+        from shim.kata.network import Plumbing, unplumb
+
+        plumbing = Plumbing.read(self.paths.network_record)
+        if plumbing is None:
+            return
+        try:
+            await asyncio.to_thread(unplumb, plumbing)
+        except Exception:
+            log.exception("cannot remove the VM's tap and qdiscs in %s", plumbing.netns)
 
 
 def _prepare_host(kernel: Kernel) -> int:

@@ -33,6 +33,7 @@ from shim.kata.guestspec import (
     is_bind,
     shared_bind_name,
 )
+from shim.kata.network import HostNetworkRefused, vm_netns
 from shim.kata.relay import ProcessRelay
 from shim.kata.state import (
     VmPaths,
@@ -84,12 +85,16 @@ class KataRuntime(Runtime):
                 from shim.manager import grouping_id
 
                 group = grouping_id(config.bundle, config.id)
+                try:
+                    netns = vm_netns(spec)
+                except HostNetworkRefused as exc:
+                    raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
                 vm = Vm(
                     self.context,
                     VmPaths.for_group(self.context.namespace, group),
                     KataConfig.from_options(config.options),
                 )
-                await vm.boot(vm_size(vm.config, spec))
+                await vm.boot(vm_size(vm.config, spec), netns)
                 self._vm = vm
             return self._vm
 
@@ -147,6 +152,7 @@ class KataContainer(Container):
             self._id,
             vm_pid=vm.pid,
             sandbox_guest_pid=self._runtime.guest_pids.get(sandbox),
+            vm_netns=vm.netns,
         )
         relay = ProcessRelay(vm.agent, self._id, "", self._config.stdio)
         try:

@@ -39,6 +39,15 @@ class SerialPort:
 
 
 @dataclass(frozen=True)
+class Nic:
+    """A virtio-net NIC on a tap device QEMU gets open, as fd `fd` (its fd number in QEMU)."""
+
+    fd: int
+    mac: str
+    mtu: int  # told to the guest's driver (VIRTIO_NET_F_MTU)
+
+
+@dataclass(frozen=True)
 class VmConfig:
     kernel: Path
     initrd: Path
@@ -50,6 +59,7 @@ class VmConfig:
     shares: Sequence[Share] = ()
     serial_ports: Sequence[SerialPort] = ()
     tcg_cache_mb: int = 0  # TCG's translation cache; 0: QEMU's default, 1 GiB (mapped lazily)
+    nics: Sequence[Nic] = ()
 
 
 def command_line(config: VmConfig, binary: str = QEMU_BINARY) -> list[str]:
@@ -62,7 +72,15 @@ def command_line(config: VmConfig, binary: str = QEMU_BINARY) -> list[str]:
         argv += ["-accel", f"tcg,thread=multi{cache}", "-cpu", "max"]
     argv += ["-machine", "q35", "-m", f"{config.memory_mb}M", "-smp", str(config.vcpus)]
     argv += ["-kernel", str(config.kernel), "-initrd", str(config.initrd)]
-    argv += ["-append", config.append, "-nic", "none"]
+    argv += ["-append", config.append]
+    for index, nic in enumerate(config.nics):
+        netdev = f"net{index}"
+        argv += ["-netdev", f"tap,id={netdev},fd={nic.fd}"]
+        # romfile=: no PXE option ROM (a direct kernel boot never runs it; QEMU needs no file).
+        device = f"virtio-net-pci,netdev={netdev},mac={nic.mac},host_mtu={nic.mtu},romfile="
+        argv += ["-device", device]
+    if not config.nics:
+        argv += ["-nic", "none"]
     argv += ["-serial", f"file:{config.console_log}", "-monitor", "none"]
     argv += ["-device", "virtio-rng-pci"]  # entropy: Python's start blocks on it otherwise
     for index, share in enumerate(config.shares):

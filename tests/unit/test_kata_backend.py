@@ -77,7 +77,7 @@ def test_a_failed_wait_in_a_running_vm_is_not_reported_as_the_vm_gone(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def scenario() -> Exit:
-        vm = SimpleNamespace(pid=42, agent=_FailingAgent())
+        vm = SimpleNamespace(pid=42, netns="", agent=_FailingAgent())
         vm.exited = asyncio.get_running_loop().create_future()
         return await _container(vm)._exit_of(vm, "e1", None)  # type: ignore[arg-type]
 
@@ -96,7 +96,7 @@ def test_a_wait_ended_by_the_vm_exit_reports_the_vm_gone(
             await asyncio.sleep(3600)
 
     async def scenario() -> Exit:
-        vm = SimpleNamespace(pid=42, agent=Waiting())
+        vm = SimpleNamespace(pid=42, netns="", agent=Waiting())
         vm.exited = asyncio.get_running_loop().create_future()
         vm.exited.set_result(Exit(42, 137, 0))
         return await _container(vm)._exit_of(vm, "", None)  # type: ignore[arg-type]
@@ -172,7 +172,7 @@ def test_a_failed_create_closes_the_relay(tmp_path: Path, monkeypatch: pytest.Mo
             raise TtrpcError(Code.INTERNAL, "no")
 
     async def scenario() -> None:
-        vm = SimpleNamespace(pid=42, agent=Agent(), share=lambda *a: None, paths=None)
+        vm = SimpleNamespace(pid=42, netns="", agent=Agent(), share=lambda *a: None, paths=None)
 
         async def join(config: Any, spec: Any) -> Any:
             return vm
@@ -198,7 +198,7 @@ def test_a_failed_create_closes_the_relay(tmp_path: Path, monkeypatch: pytest.Mo
 def test_a_boot_failing_before_qemu_removes_the_vm_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def fail(self: Vm, kernel: Any) -> None:
+    def fail(self: Vm, kernel: Any, **flags: Any) -> None:
         raise OSError("no busybox")
 
     async def tcg(self: Vm, kernel: Any) -> str:

@@ -188,3 +188,41 @@ class WaitOomResponse(_message.Message):
     sequence: int
     container_id: str
     def __init__(self, sequence: _Optional[int] = ..., container_id: _Optional[str] = ...) -> None: ...
+
+class Interface(_message.Message):
+    __slots__ = ("mac", "mtu", "addresses", "name")
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    mac: str
+    mtu: int
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    name: str
+    def __init__(self, mac: _Optional[str] = ..., mtu: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class UpdateInterfaceRequest(_message.Message):
+    __slots__ = ("interface",)
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
+    interface: Interface
+    def __init__(self, interface: _Optional[_Union[Interface, _Mapping]] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("destination", "gateway", "source", "scope")
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    destination: str
+    gateway: str
+    source: str
+    scope: int
+    def __init__(self, destination: _Optional[str] = ..., gateway: _Optional[str] = ..., source: _Optional[str] = ..., scope: _Optional[int] = ...) -> None: ...
+
+class UpdateRoutesRequest(_message.Message):
+    __slots__ = ("mac", "routes")
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    mac: str
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, mac: _Optional[str] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
