@@ -39,6 +39,15 @@ RUNSC_TOML = """\
 #   debug = "true"
 #   debug-log = "/var/log/runsc/%ID%/"
 # Top-level keys (above the table): binary_name = "runsc", root = "/run/containerd/runsc".
+#
+# Networking. A pod on a CNI network gets gVisor's own network stack (runsc's default,
+# network = "sandbox"); a hostNetwork pod the host's (network = "host"). runsc releases before
+# release-20240807.0 refuse to start a pod's sandbox on Linux 6.11 and later (gVisor issue
+# 10704): pyshim checks for that and fails the pod with an error saying so, unless a top-level
+#   network_fallback = "host"    # the host kernel's stack in the pod's netns (weaker isolation)
+#   network_fallback = "none"    # loopback only
+# chooses what such pods get instead; the netstack is kept wherever it works. Under
+# [runsc_config], network = "host" | "none" | "sandbox" applies to every pod.
 [runsc_config]
 """
 

@@ -27,18 +27,29 @@ What differs lives here:
   limits written into the sandbox's host cgroup; a pod's sub-container has no cgroup of its
   own, which Update reports as Unimplemented.
 * Checkpoint always stops the container: this runsc's ``--leave-running`` never returns.
+* The network: a container with a network namespace to join (CNI) gets gVisor's netstack
+  (runsc's default ``network=sandbox``) unless runsc.toml says otherwise; one with no network
+  namespace in its spec (hostNetwork, ``--net-host``) the host's (``network=host``); one with a
+  new, empty namespace only loopback (``none``). runsc before release-20240807.0 takes any netns
+  showing /proc/sys/net/core/rmem_default for the host's and refuses to start the sandbox, and
+  Linux 6.11 and later show that file in every netns (gVisor issue 10704; fixed upstream by
+  checking dev_weight instead, commit 19f6b0c07): that is probed in the pod's netns before
+  `runsc create`, and either the runsc.toml's ``network_fallback`` is used or Create fails
+  saying why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shim.runtimes import oci
@@ -54,8 +65,8 @@ from shim.runtimes.cri import CONTAINER_TYPE, SANDBOX_ID, annotation
 from shim.runtimes.options import read_toml_config
 from shim.sys.cgroup_limits import refuse_unapplied, set_resources
 from shim.sys.cgroups import Cgroup
-from shim.sys.reaper import Exit
-from shim.sys.spawn import CommandResult
+from shim.sys.reaper import Exit, Reaper
+from shim.sys.spawn import CommandResult, fork_call, run_command
 from shim.ttrpc.errors import Code, TtrpcError
 
 log = logging.getLogger(__name__)
@@ -69,6 +80,16 @@ CANNOT = {"update": "change a running container's resources (its pod shares one 
 NO_STDIO = ProcessStdio(None, None, None, terminal=False)
 # Flags naming files runsc writes: gVisor's shim expands %ID% in them and makes their dirs.
 OUTPUT_PATH_FLAGS = ("debug-log", "panic-log", "pcap-log", "trace", "coverage-report")
+NETWORK_FALLBACKS = ("host", "none")  # what runsc.toml's network_fallback may name
+# gVisor's first release whose root-netns check reads dev_weight, not rmem_default (issue 10704).
+FIXED_RELEASE = 20240807
+RMEM_DEFAULT = "/proc/sys/net/core/rmem_default"  # this runsc's "root netns" sign
+DEV_WEIGHT = "/proc/sys/net/core/dev_weight"  # in the initial netns only, on every kernel
+CLONE_NEWNET = 0x40000000
+# The netns probe's exit codes.
+NETNS_USABLE, NETNS_MISJUDGED, NETNS_INITIAL, NETNS_UNREADABLE = 0, 10, 11, 12
+VERSION_TIMEOUT = 10.0
+ROOT_NETNS_REFUSAL = "cannot run with network enabled in root network namespace"
 
 
 @dataclass(frozen=True)
@@ -76,6 +97,9 @@ class RunscOptions(oci.CliOptions):
     binary_name: str = "runsc"
     root: str = DEFAULT_ROOT
     flags: dict[str, str] = field(default_factory=dict)  # runsc flag name -> value
+    # The network mode for a netns this runsc's netstack refuses by mistake ("" = fail).
+    network_fallback: str = ""
+    config_path: str = ""  # the runsc.toml, for messages
 
     def extra_global_args(self) -> list[str]:
         return [f"--{name}={value}" for name, value in self.flags.items()]
@@ -91,14 +115,22 @@ class RunscOptions(oci.CliOptions):
         flags = {
             name: _flag_value(value).replace("%ID%", container_id) for name, value in table.items()
         }
-        if "network" not in flags and not _has_network_namespace_path(spec):
-            # A sandbox network needs a namespace set up for it (CNI); without one, runsc
-            # refuses to start ("network enabled in root network namespace").
-            flags["network"] = "none"
+        if "network" not in flags:
+            mode = _network_mode(spec)
+            if mode is not None:
+                flags["network"] = mode
+        fallback = str(config.get("network_fallback") or "")
+        if fallback and fallback not in NETWORK_FALLBACKS:
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT,
+                f"network_fallback = {fallback!r}: must be one of {', '.join(NETWORK_FALLBACKS)}",
+            )
         return cls(
             binary_name=str(config.get("binary_name") or "runsc"),
             root=str(config.get("root") or DEFAULT_ROOT),
             flags=flags,
+            network_fallback=fallback,
+            config_path=config_path(options) if config else "",
         )
 
 
@@ -113,9 +145,94 @@ def _flag_value(value: object) -> str:
     return str(value)
 
 
-def _has_network_namespace_path(spec: Mapping[str, Any]) -> bool:
+def config_path(options: Any | None) -> str:
+    """The runsc.toml runtime options name ("" for none)."""
+    from shim.api.runtimeoptions.v1.api_pb2 import Options
+
+    return str(Options.FromString(options.value).config_path) if options is not None else ""
+
+
+def netns_path(spec: Mapping[str, Any]) -> str:
+    """The network namespace the container joins ("" for none)."""
+    for ns in spec.get("linux", {}).get("namespaces", []):
+        if ns.get("type") == "network" and ns.get("path"):
+            return str(ns["path"])
+    return ""
+
+
+def _network_mode(spec: Mapping[str, Any]) -> str | None:
+    """runsc's network mode for the spec's network namespace, None for runsc's default."""
     namespaces = spec.get("linux", {}).get("namespaces", [])
-    return any(ns.get("type") == "network" and ns.get("path") for ns in namespaces)
+    network = [ns for ns in namespaces if ns.get("type") == "network"]
+    if not network:
+        # The host's network (CRI hostNetwork, ctr --net-host), as runc shares it. runsc's
+        # default would copy the host's interfaces into its netstack, and refuse to.
+        return "host"
+    if not network[0].get("path"):
+        # A new namespace, empty but for loopback, which is all `none` gives (with `sandbox`,
+        # runsc refuses: nothing set it up).
+        return "none"
+    return None  # a namespace set up for the container (CNI): gVisor's netstack copies it
+
+
+def _probe_netns(path: str) -> int:
+    """In a fork: whether this runsc's root-netns check (rmem_default) misjudges the netns."""
+    import ctypes
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            return NETNS_UNREADABLE
+    except OSError:
+        return NETNS_UNREADABLE
+    if os.path.exists(DEV_WEIGHT):
+        return NETNS_INITIAL  # runsc is right to refuse it
+    return NETNS_MISJUDGED if os.path.exists(RMEM_DEFAULT) else NETNS_USABLE
+
+
+async def netns_misjudged(reaper: Reaper, path: str) -> bool:
+    """Whether the netns at `path` shows rmem_default without being the initial netns. A fork,
+    not a thread of the daemon: setns changes the calling thread for good."""
+    _, exited = fork_call(reaper, lambda: _probe_netns(path), fds={})
+    status = (await exited).status
+    if status not in (NETNS_USABLE, NETNS_MISJUDGED, NETNS_INITIAL):
+        log.warning("cannot probe the network namespace %s (status %d)", path, status)
+    return status == NETNS_MISJUDGED
+
+
+_releases: dict[str, int | None] = {}  # runsc binary -> its release date, per daemon
+
+
+def release_date(version_output: str) -> int | None:
+    """The release date in `runsc --version`'s output: upstream's "release-20240807.0",
+    Debian's "0.0~20221219.0"; None for a build without one."""
+    match = re.search(r"runsc version \S*?(\d{8})\.\d+", version_output)
+    return int(match.group(1)) if match else None
+
+
+async def runsc_release(reaper: Reaper, binary: str) -> int | None:
+    if binary not in _releases:
+        try:
+            result = await run_command(reaper, [binary, "--version"], timeout=VERSION_TIMEOUT)
+            _releases[binary] = release_date(result.stdout.decode(errors="replace"))
+        except (OSError, TimeoutError) as exc:
+            log.warning("%s --version: %s", binary, exc)
+            return None
+    return _releases[binary]
+
+
+def netstack_refused_message(binary: str, release: int | None, config: str) -> str:
+    where = f"in {config}" if config else "in the runsc.toml of the runtime options"
+    runsc = f"this runsc ({binary}, release {release})" if release else f"this runsc ({binary})"
+    return (
+        "gVisor's network stack (runsc network=sandbox) cannot start in this pod's network "
+        f"namespace: {runsc} takes any namespace that shows {RMEM_DEFAULT} for the host's, "
+        "and this kernel (Linux 6.11 or later) shows it in every one (gVisor issue 10704, "
+        "fixed in release-20240807.0). Upgrade runsc, or choose a mode " + where + ": "
+        "network_fallback = \"host\" (top level: the host kernel's network stack in the pod's "
+        'namespace, weaker isolation, only where the netstack cannot run) or "none" '
+        '(loopback only), or network = "host" under [runsc_config] (always)'
+    )
 
 
 def sandbox_of(container_id: str, spec: Mapping[str, Any]) -> str | None:
@@ -183,6 +300,11 @@ class SubcontainerExit:
         """The container runs: take its exit from `wait` (a `runsc wait`)."""
         self._waiter = asyncio.get_running_loop().create_task(self._wait(wait, kill_all))
 
+    def kill_unstarted(self, signum: int) -> None:
+        """A signal before the start: the container ends without having run."""
+        if self._waiter is None:
+            self._set(128 + signum)
+
     def close(self) -> None:
         """The container is deleted: whatever still waits for it learns it was killed."""
         if self._waiter is not None:
@@ -239,7 +361,10 @@ class RunscContainer(oci.OciCliContainer):
         self._execs: dict[str, _Exec] = {}
         self._paused = False
         self._sandbox_id = sandbox_of(config.id, spec)
+        self._netns = netns_path(spec)
         self._exit: SubcontainerExit | None = None  # a sub-container's, once created
+        self._sandbox_exited: asyncio.Future[Exit] | None = None  # an own sandbox's, once created
+        self._started = False
         self._start_stdio: ProcessStdio | None = None  # kept from create to start
 
     def _takes_stdio_at_start(self) -> bool:
@@ -252,25 +377,59 @@ class RunscContainer(oci.OciCliContainer):
         return super()._create_stdio()
 
     async def create(self) -> Launched | None:
+        await self._choose_network()
         if self._takes_stdio_at_start():
             # Our own copies: the service closes its runtime ends once create returns.
             self._start_stdio = _duplicate(self._config.stdio)
         launched = await super().create()
-        if launched is None or self._sandbox_id is None:
+        if launched is None:
+            return None
+        if self._sandbox_id is None:
+            self._sandbox_exited = launched.exited
             return launched
         # launched: the sandbox's pid (runsc's pid file) and the sandbox's exit.
         self._exit = SubcontainerExit(launched.pid, launched.exited)
         return Launched(launched.pid, self._exit.future, launched.console_master)
 
+    async def _choose_network(self) -> None:
+        """Before `runsc create`: keep gVisor's netstack unless this runsc would refuse the
+        pod's netns by mistake; then the configured fallback, else a clear error. A pod's
+        sub-containers decide alike, so that every runsc command of the pod has one mode."""
+        options = self.options
+        if not self._netns or options.flags.get("network", "sandbox") != "sandbox":
+            return
+        reaper = self._context.reaper
+        if not await netns_misjudged(reaper, self._netns):
+            return
+        release = await runsc_release(reaper, options.binary_name)
+        # A fixed runsc, or a build without a date (then runsc's own refusal is explained).
+        if release is None or release >= FIXED_RELEASE:
+            return
+        if not options.network_fallback:
+            message = netstack_refused_message(options.binary_name, release, options.config_path)
+            raise TtrpcError(Code.FAILED_PRECONDITION, message)
+        log.info(
+            "%s: runsc %d would refuse the netns %s (gVisor issue 10704): network=%s",
+            self._id, release, self._netns, options.network_fallback,
+        )  # fmt: skip
+        flags = {**options.flags, "network": options.network_fallback}
+        self.options = replace(options, flags=flags)
+        self.options.save(self._bundle)
+
     async def start(self) -> Launched | None:
         if self._exit is None:
-            return await super().start()
+            launched = await super().start()
+            if launched is not None:  # restored: the sandbox is new
+                self._sandbox_exited = launched.exited
+            self._started = True
+            return launched
         try:
             with oci.stdio_fds(self._start_stdio or NO_STDIO) as fds:
                 result = await self._cli("start", self._id, fds=fds)
         finally:
             self._close_start_stdio()
         self._raise_if_failed("start", result)
+        self._started = True
         self._exit.follow(
             self._cli("wait", self._id), lambda: self._cli("kill", "--all", self._id, "9")
         )
@@ -288,6 +447,13 @@ class RunscContainer(oci.OciCliContainer):
             self._start_stdio = None
 
     def _raise_if_failed(self, operation: str, result: CommandResult) -> None:
+        if result.status != 0 and ROOT_NETNS_REFUSAL in oci.last_runtime_error(
+            self._bundle, result
+        ):
+            # A runsc whose version the probe could not judge refused the netns anyway.
+            options = self.options
+            message = netstack_refused_message(options.binary_name, None, options.config_path)
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"OCI runtime {operation} failed: {message}")
         if result.status != 0 and result.stderr.startswith(USAGE):
             binary = self.options.binary_name
             what = CANNOT.get(operation, f"{operation} a container")
@@ -307,8 +473,26 @@ class RunscContainer(oci.OciCliContainer):
         return launched
 
     async def kill(self, signal: int, all_processes: bool) -> None:
+        if not self._started:
+            self._end_unstarted(signal)
+            return
         await self._resume_to_signal(signal)
         await super().kill(signal, all_processes)
+
+    def _end_unstarted(self, signum: int) -> None:
+        """runsc signals only a running container ("cannot signal container in state
+        created"), yet a container whose start failed, or that the kubelet removes before
+        starting it, must be killable, as a runc container's waiting init is: its init never
+        ran, so it ends without running a handler. An own sandbox is killed on the host; a
+        sub-container, which has no process yet, just exits."""
+        if self._exit is not None:
+            self._exit.kill_unstarted(signum)
+            return
+        if self._sandbox_exited is None or self._sandbox_exited.done():
+            raise TtrpcError(Code.NOT_FOUND, "process already finished: not found")
+        # Our child, not reaped while its exit is pending: the pid is still the sandbox's.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._pid, signal.SIGKILL)
 
     async def kill_exec(self, exec_id: str, signal: int) -> bool:
         process = self._execs.get(exec_id)

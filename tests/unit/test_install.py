@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from shim.install import main
-from shim.install.dropin import MARKER, render_dropin
+from shim.install.dropin import MARKER, RUNSC_TOML, render_dropin
 from shim.install.mainconfig import add_import, import_matches
 from shim.runtimes.registry import builtin_runtime_names
 
@@ -370,3 +370,13 @@ def test_containerd_1_refuses_a_config_without_a_version_line(
     assert node.run("install", "--add-import") == 1
     assert "version 1" in capsys.readouterr().err
     assert node.snapshot() == before
+
+
+def test_the_starter_runsc_toml_keeps_the_netstack_and_documents_the_fallback() -> None:
+    assert tomllib.loads(RUNSC_TOML) == {"runsc_config": {}}  # runsc's defaults, no fallback
+    for choice in ("host", "none"):
+        line = f'#   network_fallback = "{choice}"'
+        assert line in RUNSC_TOML
+        # Uncommented where it stands (above the table), it is the top-level key the shim reads.
+        chosen = RUNSC_TOML.replace(line, line.replace("#   ", "", 1))
+        assert tomllib.loads(chosen)["network_fallback"] == choice

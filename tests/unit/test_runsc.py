@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +36,7 @@ from shim.sys.spawn import CommandResult
 from shim.ttrpc.errors import Code, TtrpcError
 
 NO_NETNS_SPEC = {"linux": {"namespaces": [{"type": "pid"}, {"type": "network"}]}}
+HOST_NETWORK_SPEC = {"linux": {"namespaces": [{"type": "pid"}]}}
 CNI_SPEC = {"linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/x"}]}}
 
 
@@ -62,9 +64,45 @@ def test_runsc_toml_flags_become_global_flags_with_the_id_expanded(tmp_path: Pat
     ]
 
 
-def test_a_network_namespace_to_join_keeps_the_sandbox_network() -> None:
+def test_the_network_mode_follows_the_specs_network_namespace() -> None:
+    # A netns set up for the pod (CNI): gVisor's netstack, runsc's default.
     assert "network" not in RunscOptions.for_container(None, "c1", CNI_SPEC).flags
+    # A new, empty netns: loopback only.
     assert RunscOptions.for_container(None, "c1", NO_NETNS_SPEC).flags == {"network": "none"}
+    # None at all (hostNetwork, --net-host): the host's network, as with runc.
+    assert RunscOptions.for_container(None, "c1", HOST_NETWORK_SPEC).flags == {"network": "host"}
+
+
+def test_network_fallback_is_read_and_checked(tmp_path: Path) -> None:
+    config = tmp_path / "runsc.toml"
+    config.write_text('network_fallback = "host"\n[runsc_config]\n')
+    options = RunscOptions.for_container(runtime_options(config), "c1", CNI_SPEC)
+    assert (options.network_fallback, options.config_path) == ("host", str(config))
+    assert "network" not in options.flags  # the netstack stays where it works
+
+    config.write_text('network_fallback = "sandbox"\n')
+    with pytest.raises(TtrpcError) as raised:
+        RunscOptions.for_container(runtime_options(config), "c1", CNI_SPEC)
+    assert raised.value.code == Code.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("output", "date"),
+    [
+        ("runsc version 0.0~20221219.0\nspec: 1.0.2-dev\n", 20221219),  # Debian 12
+        ("runsc version release-20240807.0\nspec: 1.1.0\n", 20240807),
+        ("runsc version 6f8d2b0ab1f7\nspec: 1.0.1-dev\n", None),  # a build from a commit
+    ],
+)
+def test_release_dates_from_runsc_version(output: str, date: int | None) -> None:
+    assert runsc.release_date(output) == date
+
+
+def test_the_netstack_refusal_names_cause_and_settings() -> None:
+    message = runsc.netstack_refused_message("runsc", 20221219, "/etc/containerd/runsc.toml")
+    for text in ("10704", "rmem_default", "release-20240807.0", "/etc/containerd/runsc.toml"):
+        assert text in message
+    assert 'network_fallback = "host"' in message and 'network = "host"' in message
 
 
 def test_configured_network_wins(tmp_path: Path) -> None:
@@ -270,6 +308,7 @@ def container(
     made = runsc.RunscContainer(runtime, config)  # type: ignore[arg-type]
     monkeypatch.setattr(made, "_cli", cli)
     made._pid = SANDBOX_PID
+    made._started = True  # as if created and started; tests of the steps before undo it
     return made
 
 
@@ -387,3 +426,45 @@ def test_update_of_a_sub_container_without_runsc_update_is_unimplemented(
     assert raised.value.code == Code.UNIMPLEMENTED
     assert sandbox_cgroup.asked == []
     assert not any(sandbox_cgroup.directory.iterdir())
+
+
+def test_a_container_never_started_is_killed_without_runsc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """runsc refuses to signal a created container; its failed start must still be undone."""
+    cli = FakeRunsc()
+    created = container(tmp_path, monkeypatch, cli)
+    created._started = False
+    killed: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, signum: killed.append((pid, signum)))
+
+    async def scenario() -> None:
+        created._sandbox_exited = asyncio.get_running_loop().create_future()
+        await created.kill(signal.SIGTERM, all_processes=False)
+        created._sandbox_exited.set_result(Exit(SANDBOX_PID, 137, 0))
+        with pytest.raises(TtrpcError) as raised:  # the sandbox is gone
+            await created.kill(signal.SIGKILL, all_processes=True)
+        assert raised.value.code == Code.NOT_FOUND
+
+    asyncio.run(scenario())
+    assert killed == [(SANDBOX_PID, signal.SIGKILL)]
+    assert cli.calls == []
+
+
+def test_a_sub_container_never_started_exits_on_a_kill() -> None:
+    async def scenario() -> Exit:
+        loop = asyncio.get_running_loop()
+        exit = SubcontainerExit(SANDBOX_PID, loop.create_future())
+        exit.kill_unstarted(signal.SIGKILL)
+        return await exit.future
+
+    assert asyncio.run(scenario()).status == 128 + signal.SIGKILL
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setns needs root")
+def test_the_netns_probe_tells_the_initial_netns() -> None:
+    # The test's own netns: setns into it changes nothing.
+    if not os.path.exists(runsc.DEV_WEIGHT):
+        pytest.skip("not in the initial network namespace")
+    assert runsc._probe_netns("/proc/self/ns/net") == runsc.NETNS_INITIAL
+    assert runsc._probe_netns("/nonexistent") == runsc.NETNS_UNREADABLE
