@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -190,10 +191,19 @@ def unplumb(plumbing: Plumbing) -> None:
             raise
 
 
-def _plumb_here(plumbing: Plumbing) -> Plumbed:
+def _iproute() -> Any:
+    """A pyroute2 IPRoute of the calling thread's netns. pyroute2 imports ssl (for a probe we
+    never use), which the template blocks in every daemon (shim.template): let it through for
+    a pod with a network (~6 ms, in this daemon only)."""
+    if "ssl" in sys.modules and sys.modules["ssl"] is None:
+        del sys.modules["ssl"]
     from pyroute2 import IPRoute
 
-    with IPRoute() as ipr:
+    return IPRoute()
+
+
+def _plumb_here(plumbing: Plumbing) -> Plumbed:
+    with _iproute() as ipr:
         veth = _pod_link(ipr, plumbing.tap)
         if veth is None:
             return Plumbed(PodNetwork(None), -1)
@@ -269,10 +279,9 @@ def _redirect(ipr: Any, source: int, target: int) -> None:
 
 
 def _unplumb_here(plumbing: Plumbing) -> None:
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    with _iproute() as ipr:
+        from pyroute2.netlink.exceptions import NetlinkError
 
-    with IPRoute() as ipr:
         for index in ipr.link_lookup(ifname=plumbing.tap):
             try:
                 ipr.link("del", index=index)  # its qdisc and filter go with it
