@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, NamedTuple
 
 from podnet import CNI_BIN_DIR, PodNetwork
+from runsc_netns import netstack_refused_here
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -445,6 +446,12 @@ class PrivateContainerd:
         installed = run(argv, timeout=60, check=False)
         if installed.returncode:
             raise HarnessError(f"pyshim install failed:\n{installed.stdout}{installed.stderr}")
+        if netstack_refused_here():
+            # This runsc refuses every CNI pod's netns here (gVisor issue 10704): the choice
+            # the starter runsc.toml documents, made as an administrator would make it.
+            # tests/cri/test_failed_pods.py checks the default's error.
+            runsc_config = self.base / "runsc.toml"
+            runsc_config.write_text('network_fallback = "host"\n' + runsc_config.read_text())
 
     def _cri_config_toml(self) -> str:
         """CRI: the offline pause image, the session's CNI pod network (podnet.py), the
