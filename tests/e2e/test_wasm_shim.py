@@ -279,3 +279,73 @@ def test_run_with_terminal(containerd: PrivateContainerd) -> None:
     )
     assert status == 0, output
     assert b"arg on a tty\r" in output  # a pty turns \n into \r\n
+
+
+def mount_points(pid: int | str) -> dict[str, list[str]]:
+    """Mount point -> its per-mount options, as /proc/PID/mountinfo shows them."""
+    lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+    return {line.split()[4]: line.split()[5].split(",") for line in lines}
+
+
+def task_pids(containerd: PrivateContainerd, name: str) -> list[int]:
+    rows = containerd.ctr("tasks", "ps", name).stdout.splitlines()[1:]
+    return sorted(int(row.split()[0]) for row in rows)
+
+
+def test_bind_mounts_reach_the_module_read_only_where_asked_and_never_the_host(
+    containerd: PrivateContainerd, work: Path
+) -> None:
+    volume = work / "volume"
+    volume.mkdir(exist_ok=True)
+    (volume / "note.txt").write_text("from the host\n")
+    containerd.ctr(
+        "run", "-d", "--runtime", RUNTIME,
+        "--mount", f"type=bind,src={volume},dst=/mnt/vol,options=rbind:ro",
+        "--mount", f"type=bind,src={volume / 'note.txt'},dst=/etc/note,options=rbind:rw",
+        IMAGE, "binds", "/sleep.wasm",
+    )  # fmt: skip
+    (runner,) = task_pids(containerd, "binds")
+    rootfs = str(containerd.bundle("binds") / "rootfs")
+
+    seen = mount_points(runner)
+    assert "ro" in seen[f"{rootfs}/mnt/vol"] and "rw" in seen[f"{rootfs}/etc/note"]
+    assert not [p for p in mount_points("self") if p.startswith(f"{rootfs}/")]
+    read = containerd.ctr(
+        "tasks", "exec", "--exec-id", "cat", "binds", "/cat.wasm", "/mnt/vol/note.txt", "/etc/note"
+    )
+    assert read.stdout == "from the host\n" * 2
+    containerd.kill_and_delete("binds")
+
+
+def test_a_module_has_namespaces_of_its_own_and_its_execs_share_them(
+    containerd: PrivateContainerd,
+) -> None:
+    containerd.run_detached("spaces", "/sleep.wasm", image=IMAGE)
+    # Not `exec -d`: ctr leaves a detached exec's FIFO dir behind.
+    exec_ = containerd.ctr_command("tasks", "exec", "--exec-id", "e", "spaces", "/sleep.wasm")
+    with subprocess.Popen(exec_, env=containerd.ctr_env, stdin=subprocess.DEVNULL) as ctr:
+        try:
+            assert wait_until(lambda: len(task_pids(containerd, "spaces")) == 2, timeout=10)
+            pids = task_pids(containerd, "spaces")
+            for kind in ("net", "ipc", "uts"):
+                inodes = {Path(f"/proc/{pid}/ns/{kind}").stat().st_ino for pid in pids}
+                assert len(inodes) == 1, kind  # the exec joined the init's
+                assert inodes != {Path(f"/proc/self/ns/{kind}").stat().st_ino}, kind
+        finally:
+            containerd.kill_and_delete("spaces")  # the exec ends with the init
+            ctr.wait(timeout=30)
+
+
+def test_a_namespace_that_cannot_be_joined_fails_the_create_naming_it(
+    containerd: PrivateContainerd,
+) -> None:
+    missing = "/run/pyshim-test-no-such-netns"
+    result = containerd.ctr(
+        "run", "--rm", "--runtime", RUNTIME, "--with-ns", f"network:{missing}", IMAGE, "nons",
+        "/hello.wasm", check=False,
+    )  # fmt: skip
+
+    assert result.returncode != 0
+    assert f"{missing}: No such file or directory (errno 2)" in result.stderr, result.stderr
+    assert containerd.task_status("nons") == "absent"
+    containerd.ctr("containers", "delete", "nons", check=False)
