@@ -33,7 +33,7 @@ from shim.runtimes.base import (
     Runtime,
     recorded_init_pid,
 )
-from shim.runtimes.cri import is_pod_sandbox
+from shim.runtimes.cri import SANDBOX_ID, annotation, is_pod_sandbox
 from shim.runtimes.runc import RuncRuntime
 from shim.sys.cgroup_limits import refuse_unapplied
 from shim.sys.spawn import fork_call
@@ -51,6 +51,8 @@ CACHE_MAX_BYTES = 512 * 1024 * 1024
 READY_TIMEOUT = 60.0  # compiling a large module takes seconds; the first start pays it
 DELETE_TIMEOUT = 4.0  # containerd gives a shim's delete 5 s
 _REPORT_CHUNK = 65536
+# In a pod's pause bundle: the cgroup of every module container of the pod, one a line.
+POD_MODULES_FILE = "pywasm-modules"
 
 
 def _load_spec(bundle: str) -> dict[str, Any]:
@@ -69,6 +71,32 @@ def _inside(rootfs: str, path: str) -> str:
     if os.path.commonpath([rootfs, real]) != rootfs:
         raise TtrpcError(Code.INVALID_ARGUMENT, f"{path} leads outside the container's rootfs")
     return real
+
+
+def record_in_pod(spec: Mapping[str, Any], bundle: str, cgroup: str) -> None:
+    """Note a module container's cgroup in its pod's pause bundle (a sibling of `bundle`).
+    containerd 2.x runs `delete` after a shim's death only for the task that started the
+    shim, the pause, and has removed the app containers' bundles by then: the pause's
+    cleanup must find their cgroups (and so their runners) here."""
+    sandbox = annotation(spec, SANDBOX_ID)
+    pod_bundle = os.path.join(os.path.dirname(bundle), sandbox)
+    if not sandbox or "/" in sandbox or not os.path.isdir(pod_bundle):
+        return
+    with open(os.path.join(pod_bundle, POD_MODULES_FILE), "a") as f:
+        f.write(cgroup + "\n")
+
+
+def _remove_pod_modules(bundle: str) -> None:
+    try:
+        with open(os.path.join(bundle, POD_MODULES_FILE)) as f:
+            cgroups = dict.fromkeys(line.strip() for line in f if line.strip())
+    except FileNotFoundError:
+        return
+    for path in cgroups:
+        try:
+            ContainerCgroup(path).remove()
+        except (OSError, ValueError) as exc:
+            log.warning("module cgroup %s cleanup: %s", path, exc)
 
 
 def _entrypoint(rootfs: str, cwd: str, name: str, env: Sequence[str]) -> str:
@@ -204,10 +232,10 @@ class WasmContainer(Container):
         context = wasm_context.plan(self._spec)
         request = runner_request(process, self._rootfs, context)
         try:
-            self._cgroup = ContainerCgroup(
-                cgroup_path(self._spec, self._context.namespace, self._id)
-            )
+            path = cgroup_path(self._spec, self._context.namespace, self._id)
+            self._cgroup = ContainerCgroup(path)
             self._cgroup.create()
+            record_in_pod(self._spec, self._config.bundle, path)
             self._cgroup.set_resources(self._spec.get("linux", {}).get("resources") or {})
         except (OSError, ValueError) as exc:
             raise TtrpcError(Code.UNKNOWN, f"cannot set up the container's cgroup: {exc}") from exc
@@ -379,7 +407,9 @@ class WasmRuntime(Runtime):
     @classmethod
     def cleanup(cls, namespace: str, bundle: str, container_id: str) -> int:
         if is_pod_sandbox(oci.read_spec(bundle)):
-            return RuncRuntime.cleanup(namespace, bundle, container_id)
+            pid = RuncRuntime.cleanup(namespace, bundle, container_id)
+            _remove_pod_modules(bundle)
+            return pid
         try:
             spec = _load_spec(bundle)
             ContainerCgroup(cgroup_path(spec, namespace, container_id)).remove()

@@ -13,7 +13,13 @@ import wasmtime
 
 from shim.runtimes.base import ContainerConfig, ProcessStdio, ShimContext
 from shim.runtimes.runc import RuncContainer, RuncRuntime
-from shim.runtimes.wasm import WasmContainer, WasmRuntime, is_pod_sandbox, runner_request
+from shim.runtimes.wasm import (
+    WasmContainer,
+    WasmRuntime,
+    is_pod_sandbox,
+    record_in_pod,
+    runner_request,
+)
 from shim.sys import cgroup_limits
 from shim.sys.cgroup_limits import cpu_weight, refuse_unapplied, unapplied
 from shim.sys.cgroups import Cgroup
@@ -205,6 +211,23 @@ def test_delete_cleans_up_each_kind_its_own_way(
     assert WasmRuntime.cleanup("k8s.io", pause, "pause") == 42
     assert WasmRuntime.cleanup("k8s.io", app, "app") == 7
     assert cleaned == ["runc pause", "cgroup app"]
+
+
+def test_the_pods_cleanup_removes_the_module_cgroups_its_pause_bundle_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """containerd 2.x runs `delete` after a shim's death for the pause alone."""
+    cleaned: list[str] = []
+    monkeypatch.setattr(RuncRuntime, "cleanup", lambda *_: cleaned.append("runc") or 42)
+    monkeypatch.setattr(ContainerCgroup, "remove", lambda self: cleaned.append(self._path))
+    pause = bundle_with(tmp_path, "pause", "sandbox")
+    app = {"annotations": {CONTAINER_TYPE: "container", "io.kubernetes.cri.sandbox-id": "pause"}}
+    record_in_pod(app, str(tmp_path / "a1"), "/pod/a1")
+    record_in_pod(app, str(tmp_path / "a2"), "/pod/a2")
+    record_in_pod({"annotations": {}}, str(tmp_path / "ctr"), "/default/ctr")  # no pod
+
+    assert WasmRuntime.cleanup("k8s.io", pause, "pause") == 42
+    assert cleaned == ["runc", "/pod/a1", "/pod/a2"]
 
 
 @pytest.mark.parametrize(("shares", "weight"), [(2, 1), (1024, 39), (262144, 10000), (1, 1)])
