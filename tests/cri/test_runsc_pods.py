@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from cri_api.v1 import api_pb2 as api
-from cri_client import CriClient, Pod
+from cri_client import NODE, CriClient, Pod
 from harness import PrivateContainerd, wait_until
 from runsc_support import RUNSC_ROOT, require_runsc
 
@@ -117,3 +117,20 @@ def test_removing_the_pod_leaves_no_runsc_state_shim_or_mount(
 
     assert wait_until(lambda: not state_files(), timeout=20), state_files()
     assert wait_until(lambda: not containerd.leftovers(), timeout=20), containerd.leftovers()
+
+
+def test_a_host_network_pod_is_on_the_nodes_network(
+    containerd: PrivateContainerd, cri: CriClient, image: str
+) -> None:
+    """hostNetwork (namespace_options.network = NODE): runsc's network=host, the node's
+    interfaces, as a runc pod sees them (not a loopback-only sandbox)."""
+    pod = cri.run_pod("pyrunsc", network=NODE)
+    container = cri.run_container(pod, image, SLEEP)
+    links = cri.exec_sync(container, ["ip", "-o", "link"])
+    assert links.exit_code == 0, links
+    # The node's own interface, which exists whatever pods ran: its default route's.
+    routes = [line.split() for line in Path("/proc/net/route").read_text().splitlines()[1:]]
+    uplinks = [fields[0] for fields in routes if fields[1] == "00000000"]
+    if not uplinks:
+        pytest.skip("the node has no default route to name its interface")
+    assert f": {uplinks[0]}:" in links.stdout.decode(), links.stdout
