@@ -3,8 +3,8 @@
 Why not pyroute2 (which the host side uses): in the guest every module is read over 9p under
 TCG, and importing pyroute2 there took 2.96 s (this module: 0.04 s; on the host pyroute2 takes
 0.14 s), a quarter of a VM's boot; these three requests (link up with an MTU, an address, a
-route) need ~100 lines of struct packing. Each request is acknowledged (NLM_F_ACK), so an error is raised where
-it happens.
+route) need ~100 lines of struct packing. Each request is acknowledged (NLM_F_ACK), so an
+error is raised where it happens.
 """
 
 from __future__ import annotations

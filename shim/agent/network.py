@@ -7,6 +7,8 @@ network namespace, where the pod's sandbox container runs and the other containe
 from __future__ import annotations
 
 import errno
+import os
+from typing import Any
 
 from shim.agent.netlink import Netlink, link_by_mac
 from shim.api.agent.v1 import agent_pb2 as api
@@ -47,3 +49,32 @@ class _errors:
         if isinstance(exc, OSError):
             code = Code.NOT_FOUND if exc.errno == errno.ENODEV else Code.INTERNAL
             raise TtrpcError(code, f"{self._what}: {exc}") from exc
+
+
+def take_root_netns_sysctls(spec: dict[str, Any]) -> None:
+    """Write the spec's net.* sysctls ourselves when its container runs in the agent's own
+    network namespace (a pod's sandbox: the guest's root netns holds the pod's NIC), and take
+    them out of the spec: runc refuses them there ("not allowed in host network namespace"),
+    while containerd 2.x gives every pod's sandbox some (ip_unprivileged_port_start, ...)."""
+    linux = spec.get("linux") or {}
+    sysctls = linux.get("sysctl") or {}
+    network = [n for n in linux.get("namespaces") or [] if n.get("type") == "network"]
+    if not sysctls or (network and not _is_own_netns(network[0].get("path") or "")):
+        return
+    for key in [k for k in sysctls if k.startswith("net.")]:
+        value = str(sysctls.pop(key))
+        try:
+            with open(f"/proc/sys/{key.replace('.', '/')}", "w") as f:
+                f.write(value)
+        except OSError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"sysctl {key}={value}: {exc}") from exc
+
+
+def _is_own_netns(path: str) -> bool:
+    if not path:
+        return False  # a new netns
+    try:
+        theirs, ours = os.stat(path), os.stat("/proc/self/ns/net")
+    except OSError:
+        return False  # runc will say what is wrong with it
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)

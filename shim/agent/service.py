@@ -128,6 +128,10 @@ class AgentService:
 
     async def _create(self, request: api.CreateContainerRequest) -> AgentContainer:
         spec = json_object(request.spec, "spec")
+        if (spec.get("linux") or {}).get("sysctl"):
+            from shim.agent.network import take_root_netns_sysctls
+
+            take_root_netns_sysctls(spec)
         if request.rootfs:
             spec.setdefault("root", {})["path"] = request.rootfs
         bundle = os.path.join(self._state_dir, request.container_id)

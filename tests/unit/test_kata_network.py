@@ -188,3 +188,34 @@ def test_unplumb_of_a_gone_netns_does_nothing(tmp_path: Path) -> None:
     network.unplumb(Plumbing(str(tmp_path / "gone")))
     (tmp_path / "file").touch()  # what a netns path is once unmounted
     network.unplumb(Plumbing(str(tmp_path / "file")))
+
+
+def test_net_sysctls_of_a_container_in_the_agents_netns_are_taken_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from shim.agent import network as agent_network
+
+    written: dict[str, str] = {}
+
+    class Sysctl:
+        def __init__(self, path: str, mode: str) -> None:
+            self.path = path
+
+        def __enter__(self) -> Sysctl:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def write(self, value: str) -> None:
+            written[self.path] = value
+
+    monkeypatch.setattr(agent_network, "open", Sysctl, raising=False)
+    sysctls = {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shm_rmid_forced": "1"}
+    fresh = {"linux": {"namespaces": [{"type": "network"}], "sysctl": dict(sysctls)}}
+    agent_network.take_root_netns_sysctls(fresh)
+    assert fresh["linux"]["sysctl"] == sysctls and not written  # runc sets them in its netns
+    own = {"linux": {"namespaces": [{"type": "pid"}], "sysctl": dict(sysctls)}}
+    agent_network.take_root_netns_sysctls(own)
+    assert own["linux"]["sysctl"] == {"kernel.shm_rmid_forced": "1"}
+    assert written == {"/proc/sys/net/ipv4/ip_unprivileged_port_start": "0"}
