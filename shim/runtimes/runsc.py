@@ -30,12 +30,14 @@ What differs lives here:
 * The network: a container with a network namespace to join (CNI) gets gVisor's netstack
   (runsc's default ``network=sandbox``) unless runsc.toml says otherwise; one with no network
   namespace in its spec (hostNetwork, ``--net-host``) the host's (``network=host``); one with a
-  new, empty namespace only loopback (``none``). runsc before release-20240807.0 takes any netns
-  showing /proc/sys/net/core/rmem_default for the host's and refuses to start the sandbox, and
-  Linux 6.11 and later show that file in every netns (gVisor issue 10704; fixed upstream by
-  checking dev_weight instead, commit 19f6b0c07): that is probed in the pod's netns before
-  `runsc create`, and either the runsc.toml's ``network_fallback`` is used or Create fails
-  saying why.
+  new namespace only loopback (``none``), unless the spec has hooks that run before the
+  container does (Docker's bridge: its libnetwork-setkey prestart hook puts a veth into the
+  namespace runsc makes, and runsc runs it before it copies the interfaces). runsc before
+  release-20240807.0 takes any netns showing /proc/sys/net/core/rmem_default for the host's
+  and refuses to start the sandbox, and Linux 6.11 and later show that file in every netns
+  (gVisor issue 10704; fixed upstream by checking dev_weight instead, commit 19f6b0c07): that
+  is probed in the pod's netns (or a new one) before `runsc create`, and either the
+  runsc.toml's ``network_fallback`` is used or Create fails saying why.
 """
 
 from __future__ import annotations
@@ -168,20 +170,27 @@ def _network_mode(spec: Mapping[str, Any]) -> str | None:
         # The host's network (CRI hostNetwork, ctr --net-host), as runc shares it. runsc's
         # default would copy the host's interfaces into its netstack, and refuse to.
         return "host"
-    if not network[0].get("path"):
-        # A new namespace, empty but for loopback, which is all `none` gives (with `sandbox`,
-        # runsc refuses: nothing set it up).
+    hooks = spec.get("hooks") or {}
+    if not network[0].get("path") and not (hooks.get("prestart") or hooks.get("createRuntime")):
+        # A new namespace that nothing sets up: loopback only, which is all `none` gives.
         return "none"
-    return None  # a namespace set up for the container (CNI): gVisor's netstack copies it
+    # A namespace set up for the container, by CNI (a path) or by a hook (Docker's bridge):
+    # gVisor's netstack copies what is in it.
+    return None
 
 
 def _probe_netns(path: str) -> int:
-    """In a fork: whether this runsc's root-netns check (rmem_default) misjudges the netns."""
+    """In a fork: whether this runsc's root-netns check (rmem_default) misjudges the netns at
+    `path`, or without one, a new netns (the one runsc makes for a hook to set up)."""
     import ctypes
 
+    libc = ctypes.CDLL(None, use_errno=True)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+        if path:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                return NETNS_UNREADABLE
+        elif libc.unshare(CLONE_NEWNET) != 0:
             return NETNS_UNREADABLE
     except OSError:
         return NETNS_UNREADABLE
@@ -191,7 +200,8 @@ def _probe_netns(path: str) -> int:
 
 
 async def netns_misjudged(reaper: Reaper, path: str) -> bool:
-    """Whether the netns at `path` shows rmem_default without being the initial netns. A fork,
+    """Whether the netns at `path` (or a new one, without a path) shows rmem_default without
+    being the initial netns. A fork,
     not a thread of the daemon: setns changes the calling thread for good."""
     _, exited = fork_call(reaper, lambda: _probe_netns(path), fds={})
     status = (await exited).status
@@ -225,11 +235,11 @@ def netstack_refused_message(binary: str, release: int | None, config: str) -> s
     where = f"in {config}" if config else "in the runsc.toml of the runtime options"
     runsc = f"this runsc ({binary}, release {release})" if release else f"this runsc ({binary})"
     return (
-        "gVisor's network stack (runsc network=sandbox) cannot start in this pod's network "
-        f"namespace: {runsc} takes any namespace that shows {RMEM_DEFAULT} for the host's, "
+        "gVisor's network stack (runsc network=sandbox) cannot start in the container's "
+        f"network namespace: {runsc} takes any namespace that shows {RMEM_DEFAULT} for the host's, "
         "and this kernel (Linux 6.11 or later) shows it in every one (gVisor issue 10704, "
         "fixed in release-20240807.0). Upgrade runsc, or choose a mode " + where + ": "
-        "network_fallback = \"host\" (top level: the host kernel's network stack in the pod's "
+        "network_fallback = \"host\" (top level: the host kernel's network stack in that "
         'namespace, weaker isolation, only where the netstack cannot run) or "none" '
         '(loopback only), or network = "host" under [runsc_config] (always)'
     )
@@ -396,7 +406,7 @@ class RunscContainer(oci.OciCliContainer):
         pod's netns by mistake; then the configured fallback, else a clear error. A pod's
         sub-containers decide alike, so that every runsc command of the pod has one mode."""
         options = self.options
-        if not self._netns or options.flags.get("network", "sandbox") != "sandbox":
+        if options.flags.get("network", "sandbox") != "sandbox":
             return
         reaper = self._context.reaper
         if not await netns_misjudged(reaper, self._netns):

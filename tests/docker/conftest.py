@@ -58,13 +58,14 @@ def fifo_dirs(dockerd: PrivateDockerd) -> list[Path]:
 def leftovers(containerd: PrivateContainerd, dockerd: PrivateDockerd) -> list[str]:
     idle = {f"mount {point}" for point in dockerd.idle_mounts}
     found = [problem for problem in containerd.leftovers() if problem not in idle]
-    return found + [f"docker FIFO dir {d}" for d in fifo_dirs(dockerd)]
+    return found + [f"docker FIFO dir {d}" for d in fifo_dirs(dockerd)] + dockerd.bridge.leftovers()
 
 
 def force_clean(containerd: PrivateContainerd, dockerd: PrivateDockerd) -> None:
     containerd.force_clean()
     for directory in fifo_dirs(dockerd):
         shutil.rmtree(directory, ignore_errors=True)
+    dockerd.bridge.force_clean()
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,9 @@
 dockerd is Debian trixie's docker.io (Docker 26), unpacked by scripts/fetch-docker under
 var/docker; nothing is installed system-wide. It gets its own data root, exec root, pidfile,
 socket and daemon.json under the containerd's temp dir, uses the test's containerd (its own
-namespace there), and no bridge or iptables: containers run with `--network none` or `host`.
+namespace there), and a bridge of its own (podnet.HostBridge, on a /24 of 198.18.0.0/15) for its
+default network, with no iptables, forwarding or masquerading: its containers reach each other
+and the host over that bridge, nothing else. The scenarios run with `--network none`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from harness import (
     stop_process,
     wait_until,
 )
+from podnet import HostBridge
+from runsc_netns import netstack_refused_here
 
 DOCKER_ROOT = REPO / "var" / "docker"
 DOCKERD = DOCKER_ROOT / "usr" / "sbin" / "dockerd"
@@ -70,6 +74,7 @@ class PrivateDockerd:
         self.runsc_debug_log = self.base / "runsc-debug"
         self._process: subprocess.Popen[bytes] | None = None
         self.idle_mounts: list[Path] = []
+        self.bridge = HostBridge.for_session("pyshdk")
 
     def __enter__(self) -> PrivateDockerd:
         try:
@@ -88,7 +93,7 @@ class PrivateDockerd:
             # The containers' cgroups, under the parent that PrivateContainerd.close() sweeps
             # for orphans.
             "cgroup-parent": f"/{self.containerd.cgroup_parent}",
-            "bridge": "none",
+            "bridge": self.bridge.name,
             "iptables": False,
             "ip6tables": False,
             "ip-forward": False,
@@ -111,9 +116,13 @@ class PrivateDockerd:
 
     def start(self) -> None:
         self.base.mkdir(exist_ok=True)
+        self.bridge.create()
         (self.base / "daemon.json").write_text(json.dumps(self.daemon_config(), indent=2))
+        # As the CRI harness: gVisor's netstack where it runs, else the host's in the netns.
+        fallback = 'network_fallback = "host"\n' if netstack_refused_here() else ""
         self.runsc_config.write_text(
-            f'[runsc_config]\n  debug = "true"\n  debug-log = "{self.runsc_debug_log}/%ID%/"\n'
+            f'{fallback}[runsc_config]\n  debug = "true"\n'
+            f'  debug-log = "{self.runsc_debug_log}/%ID%/"\n'
         )
         (self.base / "cli").mkdir(exist_ok=True)
         argv = [
@@ -173,6 +182,7 @@ class PrivateDockerd:
             self.stop()
             detach_mounts(mounts_under(self.base))
             shutil.rmtree(self.base, ignore_errors=True)
+            self.bridge.remove()
 
     def remove_all(self) -> None:
         ids = self.docker("ps", "-aq", timeout=30).stdout.split()

@@ -8,8 +8,10 @@ something, the test checks the clear error it gives instead (README, Use with Do
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ pytestmark = pytest.mark.timeout(240)
 
 BUSYBOX = image_ref(Path(__file__).resolve().parents[2] / "var" / "images" / "busybox.tar")
 MiB = 1024 * 1024
+HTTP_PORT = 8080
 
 
 @dataclass(frozen=True)
@@ -370,6 +373,41 @@ def test_memory_limit_gives_oomkilled(dockerd: PrivateDockerd, backend: Backend)
     container = run_detached(dockerd, backend, *backend.oom, flags=flags)
     assert wait_exit(dockerd, container, timeout=120) == 137
     assert state(dockerd, container)["OOMKilled"] is True
+
+
+# -- the default bridge network ---------------------------------------------------------------
+
+# Docker's bridge is set up by its libnetwork-setkey hook in the namespace the runtime makes:
+# on the host for runc and gVisor; a VM's containers and a module get no network from it (README).
+BRIDGE_BACKENDS = ["runc", "pyrunc", "pyrunsc"]
+
+
+@pytest.mark.parametrize("name", BRIDGE_BACKENDS)
+def test_default_bridge_network_reaches_the_container(dockerd: PrivateDockerd, name: str) -> None:
+    """`docker run` without --network: the container gets an address on dockerd's bridge, and
+    the host reaches a server in it over the bridge."""
+    backend = BACKENDS[name]
+    # pyrunsc by the README's daemon.json entry: its runsc.toml says what to do where gVisor's
+    # netstack cannot run (this runsc on a kernel of 6.11 or later).
+    runtime = "pyrunsc" if name == "pyrunsc" else backend.runtime
+    script = f"mkdir -p /www && hostname > /www/index.html && exec httpd -f -p {HTTP_PORT} -h /www"
+    argv = ["run", "-d", "--runtime", runtime, backend.image, "sh", "-c", script]
+    container = dockerd.docker(*argv, timeout=120).stdout.strip()
+    address = dockerd.inspect(container)["NetworkSettings"]["IPAddress"]
+    assert ipaddress.IPv4Address(address) in dockerd.bridge.subnet
+    answers: list[str] = []
+
+    def answered() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{address}:{HTTP_PORT}/", timeout=5) as response:
+                answers.append(bytes(response.read()).decode().strip())
+        except OSError as exc:
+            answers.append(str(exc))
+            return False
+        return True
+
+    assert wait_until(answered, timeout=30, interval=0.5), answers[-1]
+    assert answers[-1] == container[:12]  # docker's hostname for it
 
 
 # -- restart, events, dockerd restarts -----------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The CRI tests' pod network: one CNI `bridge` network per test session, as a node's CNI
-configuration gives the kubelet's pods theirs (Debian's containernetworking-plugins).
+"""The tests' container networks: for CRI one CNI `bridge` network per test session, as a node's
+CNI configuration gives the kubelet's pods theirs (Debian's containernetworking-plugins), and
+for Docker a bridge that dockerd's default network uses.
 
 Everything stays on this machine: the subnet is in 198.18.0.0/15 (the benchmarking range), the
 bridge holds the gateway address so that the host reaches its pods, and the pods get no route
@@ -43,6 +44,69 @@ def _routed_networks() -> list[ipaddress.IPv4Network]:
     return networks
 
 
+def free_subnet() -> ipaddress.IPv4Network:
+    """A /24 of the benchmarking range that no route of this host uses yet (another session's
+    network included), the first tried chosen by this process's pid."""
+    taken = [n for n in _routed_networks() if n.prefixlen > 0]
+    subnets = list(BENCHMARK_RANGE.subnets(new_prefix=24))
+    start = os.getpid() % len(subnets)
+    for subnet in subnets[start:] + subnets[:start]:
+        if not any(subnet.overlaps(n) for n in taken):
+            return subnet
+    raise RuntimeError(f"every /24 of {BENCHMARK_RANGE} is routed on this host")
+
+
+def bridge_ports(bridge: str) -> list[str]:
+    """The interfaces on a bridge (a container's host-side veth each)."""
+    with contextlib.suppress(FileNotFoundError):
+        return sorted(os.listdir(SYS_NET / bridge / "brif"))
+    return []
+
+
+def delete_link(name: str) -> None:
+    if (SYS_NET / name).exists():
+        subprocess.run(["ip", "link", "delete", name], check=False, timeout=30)
+
+
+@dataclass(frozen=True)
+class HostBridge:
+    """A bridge the host holds the first address of, for dockerd's default network (`bridge`
+    in daemon.json: dockerd uses a bridge that exists, with its address)."""
+
+    name: str
+    subnet: ipaddress.IPv4Network
+
+    @classmethod
+    def for_session(cls, prefix: str) -> HostBridge:
+        return cls(f"{prefix}{os.getpid() % 100000}", free_subnet())
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return self.subnet.network_address + 1
+
+    def create(self) -> None:
+        """The bridge, up, with the gateway address (kept if it exists: a dockerd restart)."""
+        if (SYS_NET / self.name).exists():
+            return
+        gateway = f"{self.gateway}/{self.subnet.prefixlen}"
+        for argv in (
+            ["ip", "link", "add", self.name, "type", "bridge"],
+            ["ip", "addr", "add", gateway, "dev", self.name],
+            ["ip", "link", "set", self.name, "up"],
+        ):
+            subprocess.run(argv, check=True, timeout=30, capture_output=True)
+
+    def leftovers(self) -> list[str]:
+        return [f"veth {p} on {self.name}" for p in bridge_ports(self.name)]
+
+    def force_clean(self) -> None:
+        for port in bridge_ports(self.name):
+            delete_link(port)
+
+    def remove(self) -> None:
+        delete_link(self.name)
+
+
 @dataclass(frozen=True)
 class PodNetwork:
     name: str
@@ -52,18 +116,9 @@ class PodNetwork:
 
     @classmethod
     def for_session(cls, base: Path) -> PodNetwork:
-        """A bridge and a /24 of the benchmarking range that no route of this host uses yet
-        (another session's network included), named after this process."""
-        taken = [n for n in _routed_networks() if n.prefixlen > 0]
-        subnets = list(BENCHMARK_RANGE.subnets(new_prefix=24))
-        start = os.getpid() % len(subnets)
-        for subnet in subnets[start:] + subnets[:start]:
-            if not any(subnet.overlaps(n) for n in taken):
-                break
-        else:
-            raise RuntimeError(f"every /24 of {BENCHMARK_RANGE} is routed on this host")
+        """A bridge named after this process, on a free /24."""
         suffix = os.getpid() % 100000
-        return cls(f"pyshim-{suffix}", f"pyshim{suffix}", subnet, base / "cni-ipam")
+        return cls(f"pyshim-{suffix}", f"pyshim{suffix}", free_subnet(), base / "cni-ipam")
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
@@ -99,10 +154,8 @@ class PodNetwork:
         return IP_FORWARD.read_text().strip()
 
     def ports(self) -> list[str]:
-        """The interfaces on the bridge: one host-side veth per pod on the network."""
-        with contextlib.suppress(FileNotFoundError):
-            return sorted(os.listdir(SYS_NET / self.bridge / "brif"))
-        return []
+        """One host-side veth per pod on the network."""
+        return bridge_ports(self.bridge)
 
     def leases(self) -> list[str]:
         """The addresses host-local still has handed out."""
@@ -119,13 +172,12 @@ class PodNetwork:
     def force_clean(self) -> None:
         """Take back what a failed pod removal left: its veth and its lease."""
         for port in self.ports():
-            subprocess.run(["ip", "link", "delete", port], check=False, timeout=30)
+            delete_link(port)
         for address in self.leases():
             (self.ipam_dir / self.name / address).unlink(missing_ok=True)
 
     def remove(self, ip_forward: str) -> None:
         """Delete the bridge (the plugin leaves it for the next pod) and put forwarding back."""
-        if (SYS_NET / self.bridge).exists():
-            subprocess.run(["ip", "link", "delete", self.bridge], check=False, timeout=30)
+        delete_link(self.bridge)
         if ip_forward:
             IP_FORWARD.write_text(ip_forward)

@@ -71,6 +71,10 @@ def test_the_network_mode_follows_the_specs_network_namespace() -> None:
     assert RunscOptions.for_container(None, "c1", NO_NETNS_SPEC).flags == {"network": "none"}
     # None at all (hostNetwork, --net-host): the host's network, as with runc.
     assert RunscOptions.for_container(None, "c1", HOST_NETWORK_SPEC).flags == {"network": "host"}
+    # A new netns that a hook sets up (Docker's bridge: libnetwork-setkey): the netstack.
+    hook = {"path": "/usr/bin/dockerd", "args": ["libnetwork-setkey", "-exec-root=/x", "c1"]}
+    docker_bridge = {**NO_NETNS_SPEC, "hooks": {"prestart": [hook]}}
+    assert "network" not in RunscOptions.for_container(None, "c1", docker_bridge).flags
 
 
 def test_network_fallback_is_read_and_checked(tmp_path: Path) -> None:
@@ -468,3 +472,10 @@ def test_the_netns_probe_tells_the_initial_netns() -> None:
         pytest.skip("not in the initial network namespace")
     assert runsc._probe_netns("/proc/self/ns/net") == runsc.NETNS_INITIAL
     assert runsc._probe_netns("/nonexistent") == runsc.NETNS_UNREADABLE
+    # Without a path, a new netns (what runsc makes for a hook to set up), in a child: the
+    # probe unshares its caller.
+    child = os.fork()
+    if child == 0:
+        os._exit(runsc._probe_netns(""))
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) in (runsc.NETNS_USABLE, runsc.NETNS_MISJUDGED)
