@@ -239,7 +239,7 @@ def netstack_refused_message(binary: str, release: int | None, config: str) -> s
         f"network namespace: {runsc} takes any namespace that shows {RMEM_DEFAULT} for the host's, "
         "and this kernel (Linux 6.11 or later) shows it in every one (gVisor issue 10704, "
         "fixed in release-20240807.0). Upgrade runsc, or choose a mode " + where + ": "
-        "network_fallback = \"host\" (top level: the host kernel's network stack in that "
+        'network_fallback = "host" (top level: the host kernel\'s network stack in that '
         'namespace, weaker isolation, only where the netstack cannot run) or "none" '
         '(loopback only), or network = "host" under [runsc_config] (always)'
     )
