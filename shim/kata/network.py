@@ -15,7 +15,6 @@ there, only for a pod with a network (~140 ms).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import json
@@ -31,11 +30,11 @@ from typing import Any, TypeVar
 
 from shim.api.agent.v1 import agent_pb2 as api
 from shim.runtimes.cri import is_pod_sandbox
+from shim.sys.namespaces import CLONE_NEWNET, setns
 
 T = TypeVar("T")
 
 TAP_NAME = "tap0_pyk"
-CLONE_NEWNET = 0x40000000
 _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
@@ -144,9 +143,10 @@ def run_in_netns(netns: str, function: Callable[[], T]) -> T:
 
     def work() -> None:
         try:
-            if _libc().setns(fd, CLONE_NEWNET) != 0:
-                code = ctypes.get_errno()
-                raise OSError(code, f"setns {netns}: {os.strerror(code)}")
+            try:
+                setns(fd, CLONE_NEWNET)
+            except OSError as exc:
+                raise OSError(exc.errno, f"setns {netns}: {exc.strerror}") from None
             outcome.append((True, function()))
         except BaseException as exc:  # handed to the caller
             outcome.append((False, exc))
@@ -161,16 +161,6 @@ def run_in_netns(netns: str, function: Callable[[], T]) -> T:
     if not ok:
         raise value
     return value  # type: ignore[no-any-return]
-
-
-_LIBC: ctypes.CDLL | None = None
-
-
-def _libc() -> ctypes.CDLL:
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)  # Python 3.11 has no os.setns
-    return _LIBC
 
 
 def plumb(plumbing: Plumbing) -> Plumbed:

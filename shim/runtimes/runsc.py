@@ -67,6 +67,7 @@ from shim.runtimes.cri import CONTAINER_TYPE, SANDBOX_ID, annotation
 from shim.runtimes.options import read_toml_config
 from shim.sys.cgroup_limits import refuse_unapplied, set_resources
 from shim.sys.cgroups import Cgroup
+from shim.sys.namespaces import CLONE_NEWNET, setns, unshare
 from shim.sys.reaper import Exit, Reaper
 from shim.sys.spawn import CommandResult, fork_call, run_command
 from shim.ttrpc.errors import Code, TtrpcError
@@ -87,7 +88,6 @@ NETWORK_FALLBACKS = ("host", "none")  # what runsc.toml's network_fallback may n
 FIXED_RELEASE = 20240807
 RMEM_DEFAULT = "/proc/sys/net/core/rmem_default"  # this runsc's "root netns" sign
 DEV_WEIGHT = "/proc/sys/net/core/dev_weight"  # in the initial netns only, on every kernel
-CLONE_NEWNET = 0x40000000
 # The netns probe's exit codes.
 NETNS_USABLE, NETNS_MISJUDGED, NETNS_INITIAL, NETNS_UNREADABLE = 0, 10, 11, 12
 VERSION_TIMEOUT = 10.0
@@ -182,16 +182,11 @@ def _network_mode(spec: Mapping[str, Any]) -> str | None:
 def _probe_netns(path: str) -> int:
     """In a fork: whether this runsc's root-netns check (rmem_default) misjudges the netns at
     `path`, or without one, a new netns (the one runsc makes for a hook to set up)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
     try:
         if path:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                return NETNS_UNREADABLE
-        elif libc.unshare(CLONE_NEWNET) != 0:
-            return NETNS_UNREADABLE
+            setns(os.open(path, os.O_RDONLY | os.O_CLOEXEC), CLONE_NEWNET)
+        else:
+            unshare(CLONE_NEWNET)
     except OSError:
         return NETNS_UNREADABLE
     if os.path.exists(DEV_WEIGHT):

@@ -26,7 +26,6 @@ the runner.
 from __future__ import annotations
 
 import collections
-import ctypes
 import errno
 import os
 import socket
@@ -35,13 +34,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 
 from shim.sys._native import ffi, lib
+from shim.sys.namespaces import (
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWUTS,
+    setns,
+    unshare,
+)
 
-# <sched.h> and <linux/mount.h>: Python 3.11 has no os.setns/os.unshare, and the cffi helper
-# lacks the propagation flags; these values are the kernel's ABI.
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWNET = 0x40000000
+# <linux/mount.h>: the cffi helper lacks the propagation flags; the kernel's ABI.
 MS_SLAVE = 1 << 19
 MS_REC = 1 << 14
 
@@ -53,8 +55,6 @@ NAMESPACES: Mapping[str, tuple[int, str]] = {
 }
 _BIND_REMOUNT_FLAGS = {"nosuid": lib.MS_NOSUID, "nodev": lib.MS_NODEV, "noexec": lib.MS_NOEXEC}
 _MAX_SYMLINKS = 40  # the kernel's limit on links followed in one lookup
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Join(TypedDict):
@@ -152,18 +152,22 @@ def enter(context: Context, rootfs: str, namespace_fds: Sequence[int]) -> None:
     `rootfs` in a private mount namespace. OSError names what failed."""
     try:
         for join, fd in zip(context["join"], namespace_fds, strict=True):
-            if _libc.setns(fd, NAMESPACES[join["type"]][0]) != 0:
+            try:
+                setns(fd, NAMESPACES[join["type"]][0])
+            except OSError as exc:
                 raise _error(
-                    ctypes.get_errno(), f"join the {join['type']} namespace {join['path']}"
-                )
+                    exc.errno, f"join the {join['type']} namespace {join['path']}"
+                ) from None
     finally:
         for fd in namespace_fds:
             os.close(fd)
     flags = CLONE_NEWNS
     for kind in context["new"]:
         flags |= NAMESPACES[kind][0]
-    if _libc.unshare(flags) != 0:
-        raise _error(ctypes.get_errno(), f"unshare namespaces {context['new'] + ['mount']}")
+    try:
+        unshare(flags)
+    except OSError as exc:
+        raise _error(exc.errno, f"unshare namespaces {context['new'] + ['mount']}") from None
     if context["hostname"]:
         socket.sethostname(context["hostname"])
     _mount(None, "/", MS_REC | MS_SLAVE, "make / a recursive slave")
