@@ -25,8 +25,8 @@ pytestmark = pytest.mark.timeout(600)
 
 RUNTIME = "io.containerd.pykata.v1"
 BOOT = 240  # seconds for a ctr command that boots a VM, on a busy 2-core machine
-ADDRESS = "10.251.7.5/24"  # only inside our netns: no route of the host is touched
-GATEWAY = "10.251.7.1"
+ADDRESS = "198.19.255.5/24"  # the benchmarking range, only inside our netns: no host route
+GATEWAY = "198.19.255.1"
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -89,8 +89,8 @@ def test_the_sandbox_stays_in_the_guests_netns_and_the_others_join_it() -> None:
 
 
 def test_routes_through_a_gateway_come_after_on_link_ones() -> None:
-    routes = [Route("0.0.0.0/0", "10.0.0.1"), Route("10.1.0.0/16", scope=253)]
-    assert [r.destination for r in ordered_routes(routes)] == ["10.1.0.0/16", "0.0.0.0/0"]
+    routes = [Route("0.0.0.0/0", "198.19.254.1"), Route("198.18.0.0/16", scope=253)]
+    assert [r.destination for r in ordered_routes(routes)] == ["198.18.0.0/16", "0.0.0.0/0"]
 
 
 def test_agent_requests_carry_the_interface_and_routes() -> None:
@@ -143,9 +143,9 @@ def pod_netns() -> Iterator[str]:
     try:
         # The host end goes when the netns does, with its peer (asynchronously: a fresh name).
         _ip("link", "add", f"pyu{suffix}"[:15], "type", "veth", "peer", "eth0", "netns", name)
-        _ip("-n", name, "addr", "add", "10.250.0.5/24", "dev", "eth0")
+        _ip("-n", name, "addr", "add", "198.19.254.5/24", "dev", "eth0")
         _ip("-n", name, "link", "set", "eth0", "mtu", "1450", "up")
-        _ip("-n", name, "route", "add", "default", "via", "10.250.0.1")
+        _ip("-n", name, "route", "add", "default", "via", "198.19.254.1")
         yield name
     finally:
         _ip("netns", "del", name)
@@ -158,9 +158,9 @@ def test_plumb_joins_a_tap_to_the_veth_and_unplumb_removes_it(pod_netns: str) ->
         interface = plumbed.network.interface
         assert interface is not None
         assert (interface.name, interface.mtu, interface.addresses) == (
-            "eth0", 1450, ("10.250.0.5/24",)
+            "eth0", 1450, ("198.19.254.5/24",)
         )  # fmt: skip
-        assert plumbed.network.routes == (Route("0.0.0.0/0", "10.250.0.1"),)
+        assert plumbed.network.routes == (Route("0.0.0.0/0", "198.19.254.1"),)
         assert "mtu 1450" in _ip("-n", pod_netns, "link", "show", network.TAP_NAME)
         for device, target in (("eth0", network.TAP_NAME), (network.TAP_NAME, "eth0")):
             filters = subprocess.run(
