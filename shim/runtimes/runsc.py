@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -54,7 +55,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from shim.runtimes import oci
+from shim.runtimes import oci, runsc_spec
 from shim.runtimes.base import (
     CheckpointRequest,
     Container,
@@ -382,6 +383,7 @@ class RunscContainer(oci.OciCliContainer):
         return super()._create_stdio()
 
     async def create(self) -> Launched | None:
+        await self._adapt_spec()
         await self._choose_network()
         if self._takes_stdio_at_start():
             # Our own copies: the service closes its runtime ends once create returns.
@@ -395,6 +397,20 @@ class RunscContainer(oci.OciCliContainer):
         # launched: the sandbox's pid (runsc's pid file) and the sandbox's exit.
         self._exit = SubcontainerExit(launched.pid, launched.exited)
         return Launched(launched.pid, self._exit.future, launched.console_master)
+
+    async def _adapt_spec(self) -> None:
+        """The bundle's spec as this runsc can take it (shim.runtimes.runsc_spec)."""
+        spec = oci.read_spec(self._bundle)
+        if not spec:
+            return  # runsc create says what is wrong with it
+        options = self.options
+        runsc_spec.warn_unapplied_seccomp(spec, options.flags, self._id, options.config_path)
+        process = spec.get("process") or {}
+        binary = options.binary_name
+        changed = await runsc_spec.adapt_capabilities(process, binary, self._id, "container")
+        changed = runsc_spec.readonly_binds(spec, self._bundle, self._id) or changed
+        if changed:
+            runsc_spec.write_spec(self._bundle, spec)
 
     async def _choose_network(self) -> None:
         """Before `runsc create`: keep gVisor's netstack unless this runsc would refuse the
@@ -470,7 +486,10 @@ class RunscContainer(oci.OciCliContainer):
         return ["--internal-pid-file", self._pid_file(f"{exec_id}-sandbox")]
 
     async def exec(self, exec_id: str, process: Mapping[str, Any], stdio: ProcessStdio) -> Launched:
-        launched = await super().exec(exec_id, process, stdio)
+        adapted = copy.deepcopy(dict(process))
+        binary = self.options.binary_name
+        await runsc_spec.adapt_capabilities(adapted, binary, f"{self._id} exec {exec_id}")
+        launched = await super().exec(exec_id, adapted, stdio)
         sandbox_pid_file = self._pid_file(f"{exec_id}-sandbox")
         self._execs[exec_id] = _Exec(launched.pid, oci.read_pid(sandbox_pid_file))
         os.unlink(sandbox_pid_file)

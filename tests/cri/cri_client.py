@@ -87,6 +87,7 @@ class CriClient:
         network: int | None = None,
         hostname: str = "",
         dns: cri.DNSConfig | None = None,
+        privileged: bool = False,
     ) -> Pod:
         """A pod under the test's cgroup parent: with network=POD in a network namespace of its
         own on the session's CNI network, with NODE on the host's network. The default is the
@@ -110,7 +111,8 @@ class CriClient:
                     # hostIPC: false)
                     namespace_options=cri.NamespaceOption(
                         network=network, pid=pid_mode, ipc=NODE if network == NODE else POD
-                    )
+                    ),
+                    privileged=privileged,  # a pod with a privileged container must be
                 ),
             ),
         )
@@ -173,8 +175,15 @@ class CriClient:
         stdin: bool = False,
         memory_limit: int = 0,
         env: Mapping[str, str] | None = None,
+        privileged: bool = False,
+        capabilities: Sequence[str] = (),
+        seccomp: cri.SecurityProfile | None = None,
+        readonly_paths: Sequence[str] = (),
     ) -> str:
+        """`capabilities` are added (CRI's add_capabilities, "ALL" for every one); `seccomp`
+        unset is containerd's default (unconfined); `readonly_paths` replace the runtime's."""
         name = name or f"c-{uuid.uuid4().hex[:8]}"
+        added = cri.Capability(add_capabilities=list(capabilities)) if capabilities else None
         config = cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name=name, attempt=0),
             image=cri.ImageSpec(image=image),
@@ -188,7 +197,11 @@ class CriClient:
                 # As the kubelet: the pod's namespace modes (unset, pid would be POD, i.e.
                 # shareProcessNamespace, where gVisor ties siblings to the first one's init).
                 security_context=cri.LinuxContainerSecurityContext(
-                    namespace_options=pod.config.linux.security_context.namespace_options
+                    namespace_options=pod.config.linux.security_context.namespace_options,
+                    privileged=privileged,
+                    capabilities=added,
+                    seccomp=seccomp,
+                    readonly_paths=list(readonly_paths),
                 ),
             ),
         )

@@ -1,0 +1,127 @@
+"""What Kubernetes' conformance asks of a container's security settings, for gVisor pods
+(`pyrunsc`) against containerd's `runc` as the reference (issue 24): privileged containers and
+`capabilities: add: [ALL]` start with every capability, seccomp profiles (the runtime's default
+and a localhost one) are enforced, and `readonlyPaths` are read-only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cri_api.v1 import api_pb2 as api
+from cri_client import POD, CriClient, Pod
+from harness import PrivateContainerd
+from podnet import unusable_reason
+from runsc_support import require_runsc
+
+pytestmark = pytest.mark.timeout(300)
+
+HANDLERS = ["pyrunsc", "runc"]
+SLEEP = ["sleep", "100000"]
+CAP_SYS_ADMIN = 21
+EPERM_TEXT = "Operation not permitted"
+Profile = api.SecurityProfile.ProfileType
+
+
+@pytest.fixture(params=HANDLERS)
+def handler(request: pytest.FixtureRequest) -> str:
+    if request.param == "pyrunsc":
+        require_runsc()
+    return str(request.param)
+
+
+@pytest.fixture
+def image(containerd: PrivateContainerd) -> str:
+    return str(containerd.image)
+
+
+def effective_capabilities(cri: CriClient, container_id: str, pid: str) -> int:
+    result = cri.exec_sync(container_id, ["cat", f"/proc/{pid}/status"])
+    assert result.exit_code == 0, result
+    for line in result.stdout.decode().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no CapEff in /proc/{pid}/status: {result.stdout!r}")
+
+
+def assert_all_capabilities(cri: CriClient, container_id: str) -> None:
+    # The init's (pid 1 of the container's pid namespace) and an exec's own.
+    for pid in ("1", "self"):
+        caps = effective_capabilities(cri, container_id, pid)
+        assert caps & (1 << CAP_SYS_ADMIN), f"/proc/{pid}: CapEff {caps:#x} lacks CAP_SYS_ADMIN"
+
+
+def test_a_privileged_container_has_every_capability(
+    cri: CriClient, handler: str, image: str
+) -> None:
+    pod = cri.run_pod(handler, privileged=True)
+    container = cri.run_container(pod, image, SLEEP, privileged=True)
+    assert_all_capabilities(cri, container)
+
+
+def test_capabilities_add_all_gives_every_capability(
+    cri: CriClient, handler: str, image: str
+) -> None:
+    pod = cri.run_pod(handler)
+    container = cri.run_container(pod, image, SLEEP, capabilities=["ALL"])
+    assert_all_capabilities(cri, container)
+
+
+def own_uts_pod(cri: CriClient, handler: str) -> Pod:
+    """A pod on the session's CNI network: its UTS namespace is its own (a hostNetwork pod
+    shares the node's, whose hostname a runc container that may call sethostname changes)."""
+    reason = unusable_reason()
+    if reason:
+        pytest.fail(reason)
+    return cri.run_pod(handler, network=POD)
+
+
+def assert_refused(result: api.ExecSyncResponse, what: str) -> None:
+    output = (result.stdout + result.stderr).decode(errors="replace")
+    assert result.exit_code != 0, f"{what} was let through: {output}"
+    assert EPERM_TEXT in output, output
+
+
+def test_a_localhost_seccomp_profile_is_enforced(
+    cri: CriClient, handler: str, image: str, tmp_path: Path
+) -> None:
+    """A profile that refuses sethostname alone, in a container whose capabilities allow it."""
+    profile = tmp_path / "no-sethostname.json"
+    rule = {"names": ["sethostname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}
+    profile.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [rule]}))
+    seccomp = api.SecurityProfile(profile_type=Profile.Localhost, localhost_ref=str(profile))
+    pod = own_uts_pod(cri, handler)
+    confined = cri.run_container(pod, image, SLEEP, capabilities=["SYS_ADMIN"], seccomp=seccomp)
+    free = cri.run_container(pod, image, SLEEP, capabilities=["SYS_ADMIN"])
+
+    assert_refused(cri.exec_sync(confined, ["hostname", "confined"]), "sethostname")
+    allowed = cri.exec_sync(free, ["hostname", "free"])  # what the profile alone forbids
+    assert allowed.exit_code == 0, allowed
+
+
+def test_the_runtime_default_seccomp_profile_is_enforced(
+    cri: CriClient, handler: str, image: str
+) -> None:
+    """containerd's default profile allows unshare(2) only with CAP_SYS_ADMIN; a new user
+    namespace needs no capability, so only seccomp stops it."""
+    seccomp = api.SecurityProfile(profile_type=Profile.RuntimeDefault)
+    pod = cri.run_pod(handler)
+    confined = cri.run_container(pod, image, SLEEP, seccomp=seccomp)
+    free = cri.run_container(pod, image, SLEEP)
+
+    assert_refused(cri.exec_sync(confined, ["unshare", "-U", "true"]), "unshare")
+    allowed = cri.exec_sync(free, ["unshare", "-U", "true"])
+    assert allowed.exit_code == 0, allowed
+
+
+def test_readonly_paths_are_read_only(cri: CriClient, handler: str, image: str) -> None:
+    pod = cri.run_pod(handler)
+    container = cri.run_container(pod, image, SLEEP, readonly_paths=["/tmp", "/no/such/path"])
+
+    written = cri.exec_sync(container, ["touch", "/tmp/written"])
+    output = (written.stdout + written.stderr).decode(errors="replace")
+    assert written.exit_code != 0, "a readonlyPath was writable"
+    assert "Read-only file system" in output, output
+    # Only the path: the rest of the rootfs stays writable.
+    assert cri.exec_sync(container, ["touch", "/written"]).exit_code == 0
