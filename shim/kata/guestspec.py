@@ -7,13 +7,19 @@ cgroup path in the host's scheme, the host's AppArmor or SELinux labels and hook
 binaries). In the guest, bind sources are the shared copies the host bound beside the rootfs,
 the sandbox's namespaces are those of its init in the guest, and the rest is left to the
 guest's defaults.
+
+Mount boundaries: the guest sees a bind source and every mount below it as one 9p file system,
+so runc's non-recursive read-only ("rbind" + "ro": only the top mount is remounted read-only)
+would make the host mounts below it read-only too. Each of those gets a bind of its own in the
+guest, after its parent's, with its own read-only state, as it has in runc's tree on a host.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 SHARED_IN_GUEST = "/pyshim/shared"  # the VM's shared directory, mounted by 9p
@@ -23,6 +29,19 @@ _PROC_NS = re.compile(r"/proc/(\d+)/ns/\w+")
 def is_bind(mount: Mapping[str, Any]) -> bool:
     options = mount.get("options") or []
     return mount.get("type") == "bind" or "bind" in options or "rbind" in options
+
+
+def is_recursive(mount: Mapping[str, Any]) -> bool:
+    """A bind that takes the mounts below its source along (runc: only with "rbind")."""
+    return "rbind" in (mount.get("options") or [])
+
+
+@dataclass(frozen=True)
+class Submount:
+    """A host mount below a recursive bind's source."""
+
+    path: str  # relative to the source
+    readonly: bool
 
 
 def shared_bind_name(index: int) -> str:
@@ -41,15 +60,27 @@ def guest_spec(
     vm_pid: int,
     sandbox_guest_pid: int | None,
     vm_netns: str = "",
+    submounts: Mapping[str, Sequence[Submount]] | None = None,
 ) -> dict[str, Any]:
     """`spec` for the guest agent; its rootfs is given to the agent apart. `vm_netns`: the
     host netns whose network the VM has; in the guest that is the root netns, where the NIC is,
-    so a container given that netns (the pod's sandbox) stays in the guest's."""
+    so a container given that netns (the pod's sandbox) stays in the guest's. `submounts`: the
+    host mounts below each shared bind (by its shared name), shallowest first."""
     guest = copy.deepcopy(dict(spec))
     shared = container_dir_in_guest(container_id)
+    mounts: list[dict[str, Any]] = []
     for index, mount in enumerate(guest.get("mounts") or []):
-        if is_bind(mount):
-            mount["source"] = f"{shared}/{shared_bind_name(index)}"
+        mounts.append(mount)
+        if not is_bind(mount):
+            continue
+        name = shared_bind_name(index)
+        mount["source"] = f"{shared}/{name}"
+        options = mount.get("options") or []
+        if "ro" in options and "rro" not in options and is_recursive(mount):
+            below = (submounts or {}).get(name, ())
+            mounts += [_submount_bind(mount, submount) for submount in below]
+    if "mounts" in guest:
+        guest["mounts"] = mounts
     linux = guest.setdefault("linux", {})
     namespaces = []
     for namespace in linux.get("namespaces") or []:
@@ -68,6 +99,18 @@ def guest_spec(
     if "process" in guest:
         guest["process"] = guest_process(guest["process"])
     return guest
+
+
+def _submount_bind(parent: Mapping[str, Any], submount: Submount) -> dict[str, Any]:
+    """A bind of the 9p copy of a host mount below `parent`'s source, read-only only if it is
+    on the host (writes go through 9p to the host mount, which refuses them anyway)."""
+    propagation = [o for o in parent.get("options") or [] if o.endswith(("private", "slave"))]
+    return {
+        "destination": f"{parent['destination'].rstrip('/')}/{submount.path}",
+        "type": "bind",
+        "source": f"{parent['source']}/{submount.path}",
+        "options": ["bind", *propagation, "ro" if submount.readonly else "rw"],
+    }
 
 
 def guest_process(process: Mapping[str, Any]) -> dict[str, Any]:

@@ -18,17 +18,17 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shim.agent.client import AgentClient
 from shim.kata import pvh
 from shim.kata.config import REPO, KataConfig, VmSize
-from shim.kata.guestspec import SHARED_IN_GUEST
+from shim.kata.guestspec import SHARED_IN_GUEST, Submount
 from shim.kata.state import BASE_DIR, VmPaths, remove_vm_dir, unshare_container
 from shim.runtimes.base import ShimContext
-from shim.sys.mount import MountSpec, mount_rootfs
+from shim.sys.mount import MountSpec, mount_rootfs, mountinfo_field
 from shim.sys.reaper import Exit
 from shim.sys.spawn import fork_call, spawn
 from shim.ttrpc.errors import Code, TtrpcError
@@ -278,23 +278,29 @@ class Vm:
 
     # -- containers' files ---------------------------------------------------------------------
 
-    def share(self, container_id: str, rootfs: str, binds: dict[str, str]) -> None:
-        """Bind the rootfs and each bind source (name under the container's dir -> host path)
-        into the shared directory. The tree is built where the guest cannot see it, then moved
+    def share(
+        self, container_id: str, rootfs: str, binds: Mapping[str, tuple[str, bool]]
+    ) -> dict[str, list[Submount]]:
+        """Bind the rootfs and each bind source (name under the container's dir -> host path,
+        recursive) into the shared directory; the host mounts that came along below each
+        recursive one. The tree is built where the guest cannot see it, then moved
         in whole: in the (writable) shared directory, a guest could swap a directory for a
         symlink between two of our steps and have a host path mounted over."""
         directory = self.paths.staging_dir(container_id)
+        submounts: dict[str, list[Submount]] = {}
         try:
             (directory / "rootfs").mkdir(parents=True)
             _bind(rootfs, directory / "rootfs")
-            for name, source in binds.items():
+            for name, (source, recursive) in binds.items():
                 target = directory / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if os.path.isdir(source):
                     target.mkdir()
                 else:
                     target.touch()
-                _bind(source, target)
+                _bind(source, target, recursive=recursive)
+                if recursive:
+                    submounts[name] = _submounts(target)
             # Fails (ENOTEMPTY, ENOTDIR, EEXIST) if the guest put anything at that name.
             os.rename(directory, self.paths.container_dir(container_id))
         except OSError as exc:
@@ -302,6 +308,7 @@ class Vm:
             raise TtrpcError(
                 Code.UNKNOWN, f"cannot share {container_id} with the VM: {exc}"
             ) from exc
+        return submounts
 
     # -- OOM events ----------------------------------------------------------------------------
 
@@ -392,5 +399,22 @@ def _host_dirs() -> list[Path]:
     ]
 
 
-def _bind(source: str, target: Path) -> None:
-    mount_rootfs([MountSpec("bind", source, "", ("rbind",))], str(target))
+def _bind(source: str, target: Path, *, recursive: bool = True) -> None:
+    """As the spec binds it: runc's plain bind leaves the mounts below the source out."""
+    option = "rbind" if recursive else "bind"
+    mount_rootfs([MountSpec("bind", source, "", (option,))], str(target))
+
+
+def _submounts(target: Path) -> list[Submount]:
+    """The mounts strictly below `target`, shallowest first, with their read-only state."""
+    prefix = str(target) + "/"
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            point = mountinfo_field(fields[4])
+            if point.startswith(prefix):
+                found.append(Submount(point[len(prefix) :], "ro" in fields[5].split(",")))
+    # A path mounted twice: the later (upper) one is what the guest sees there.
+    unique = {submount.path: submount for submount in found}
+    return sorted(unique.values(), key=lambda s: s.path.count("/"))

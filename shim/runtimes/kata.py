@@ -31,6 +31,7 @@ from shim.kata.guestspec import (
     guest_process,
     guest_spec,
     is_bind,
+    is_recursive,
     shared_bind_name,
 )
 from shim.kata.network import HostNetworkRefused, vm_netns
@@ -144,8 +145,12 @@ class KataContainer(Container):
         Path(bundle, INIT_PID_FILE).write_text(str(vm.pid))
         rootfs = os.path.join(bundle, (spec.get("root") or {}).get("path") or "rootfs")
         mounts = spec.get("mounts") or []
-        binds = {shared_bind_name(i): m["source"] for i, m in enumerate(mounts) if is_bind(m)}
-        vm.share(self._id, rootfs, binds)
+        binds = {
+            shared_bind_name(i): (m["source"], is_recursive(m))
+            for i, m in enumerate(mounts)
+            if is_bind(m)
+        }
+        submounts = vm.share(self._id, rootfs, binds)
         sandbox = annotation(spec, SANDBOX_ID)
         guest = guest_spec(
             spec,
@@ -153,6 +158,7 @@ class KataContainer(Container):
             vm_pid=vm.pid,
             sandbox_guest_pid=self._runtime.guest_pids.get(sandbox),
             vm_netns=vm.netns,
+            submounts=submounts,
         )
         relay = ProcessRelay(vm.agent, self._id, "", self._config.stdio)
         try:
