@@ -4,6 +4,13 @@ Stage 1 runs from the initramfs: it loads the modules, builds the new root and s
 into it, because the initramfs root cannot be pivot_root'ed away from (runc's containers need
 that). Stage 2 runs as PID 1 on the new root: cgroup2 with every controller enabled for
 children, then the workload; the guest powers off when it ends.
+
+Kernel modules beyond the boot's: with a `modules_tree` share (the kernel's lib/modules), the
+kernel's own module requests (a bridge ioctl, `ip link add type veth`, opening /dev/net/tun, an
+overlay or nf_tables mount/socket) run busybox's modprobe in a chroot whose /lib/modules is that
+share: the guest's /lib is the host's /usr/lib (read-only, another kernel's modules or none), so
+/lib/modules/<release> cannot be put there. Nothing is loaded until asked for: the boot pays one
+9p mount and a proc mount.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
 # Host files never change under a read-only share while the guest runs: cache them.
 READONLY_CACHE = "cache=loose"
 _STAGE_DIR = "/.vm"  # busybox and this script, copied into the new root for stage 2
+_MODPROBE_ROOT = f"{_STAGE_DIR}/modroot"  # the modprobe helper's chroot: busybox, /lib/modules
+_MODPROBE = f"{_STAGE_DIR}/modprobe"  # the kernel's usermode modprobe helper (a script)
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -37,6 +46,8 @@ class GuestSetup:
     # Where the workload's exit code is written (on a writable share), if anywhere.
     status_file: str | None = None
     environment: Sequence[tuple[str, str]] = field(default_factory=tuple)
+    # The 9p tag of the kernel's lib/modules (with busybox's modules.dep), for on-demand loads.
+    modules_tree: str | None = None
 
 
 def init_script(setup: GuestSetup) -> str:
@@ -66,6 +77,7 @@ def init_script(setup: GuestSetup) -> str:
     lines += [
         f"  mkdir -p /newroot{_STAGE_DIR} /newroot/proc /newroot/sys /newroot/dev",
         f"  cp /bin/busybox /init /newroot{_STAGE_DIR}/",
+        *_modprobe_stage1(setup.modules_tree),
         "  for fs in proc sys dev; do mount --move /$fs /newroot/$fs; done",
         f"  exec switch_root /newroot {_STAGE_DIR}/busybox sh {_STAGE_DIR}/init stage2",
         "}",
@@ -80,6 +92,7 @@ def init_script(setup: GuestSetup) -> str:
         "  for c in $($bb cat /sys/fs/cgroup/cgroup.controllers); do",
         "    echo +$c > /sys/fs/cgroup/cgroup.subtree_control",
         "  done",
+        *_modprobe_stage2(setup.modules_tree),
         "  $bb ip link set lo up",
         "  $bb hostname guest",
         f"  export PATH={SYSTEM_PATH} HOME=/root",
@@ -97,3 +110,29 @@ def init_script(setup: GuestSetup) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _modprobe_stage1(tag: str | None) -> list[str]:
+    """The modprobe chroot (the share, busybox as /modprobe) and the helper script."""
+    if tag is None:
+        return []
+    root = f"/newroot{_MODPROBE_ROOT}"
+    options = f"{NINEP_OPTIONS},ro,{READONLY_CACHE}"
+    chrooted = f'exec {_STAGE_DIR}/busybox chroot {_MODPROBE_ROOT} /modprobe "$@"'
+    helper = f"#!{_STAGE_DIR}/busybox sh\\n{chrooted}\\n"
+    return [
+        f"  mkdir -p {root}/lib/modules {root}/proc",
+        f"  mount -t 9p -o {options} {shlex.quote(tag)} {root}/lib/modules",
+        f"  ln /newroot{_STAGE_DIR}/busybox {root}/modprobe",
+        f"  printf {shlex.quote(helper)} > /newroot{_MODPROBE} && chmod 755 /newroot{_MODPROBE}",
+    ]
+
+
+def _modprobe_stage2(tag: str | None) -> list[str]:
+    """/proc/modules for modprobe (what is loaded), and the kernel's helper set to ours."""
+    if tag is None:
+        return []
+    return [
+        f"  $bb mount -t proc proc {_MODPROBE_ROOT}/proc",
+        f"  echo {_MODPROBE} > /proc/sys/kernel/modprobe",
+    ]

@@ -1,12 +1,17 @@
 """The Debian kernel unpacked by scripts/fetch-kernel, and its modules in load order.
 
-The unpacked package has no modules.dep (depmod runs at install), so dependencies come from
-each module's own .modinfo section ("depends=a,b"), as depmod reads them.
+The unpacked package has no modules.dep (depmod runs at install), so the initramfs's
+dependencies come from each module's own .modinfo section ("depends=a,b"), as depmod reads
+them; for the guest's modprobe, `write_module_index` writes modules.dep and the alias files
+once with busybox's depmod (the host need not have kmod).
 """
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +31,10 @@ class Kernel:
             module_name(path.name): path
             for path in sorted((self.modules_dir / "kernel").rglob("*.ko"))
         }
+
+    @property
+    def release(self) -> str:
+        return self.modules_dir.name
 
     def builtin_modules(self) -> set[str]:
         builtin = self.modules_dir / "modules.builtin"
@@ -49,6 +58,41 @@ class Kernel:
         for name in names:
             visit(name)
         return ordered
+
+
+INDEX_FILES = ("modules.dep", "modules.alias", "modules.symbols")  # busybox modprobe's
+
+
+def has_module_index(kernel: Kernel) -> bool:
+    return all((kernel.modules_dir / name).exists() for name in INDEX_FILES)
+
+
+def write_module_index(kernel: Kernel, busybox: Path) -> None:
+    """modules.dep, modules.alias and modules.symbols in the kernel's modules directory, from
+    `busybox depmod -n` (its dry run prints the three in turn; ~5 s once per kernel). Each
+    file is renamed into place, modules.dep last: boots at the same time never read half a
+    file, and a missing modules.dep means "write again"."""
+    root = kernel.modules_dir.parents[2]  # <root>/lib/modules/<release>
+    out = subprocess.run(
+        [str(busybox), "depmod", "-n", "-b", str(root), kernel.release],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    files: dict[str, list[str]] = {name: [] for name in INDEX_FILES}
+    for line in out.splitlines(keepends=True):
+        if line.startswith("alias symbol:"):
+            files["modules.symbols"].append(line)
+        elif line.startswith("alias "):
+            files["modules.alias"].append(line)
+        else:
+            files["modules.dep"].append(line)
+    for name in reversed(INDEX_FILES):
+        fd, temporary = tempfile.mkstemp(dir=kernel.modules_dir, prefix=f".{name}.")
+        with os.fdopen(fd, "w") as f:
+            f.writelines(files[name])
+        os.chmod(temporary, 0o644)
+        os.rename(temporary, kernel.modules_dir / name)
 
 
 def find_kernel(root: Path) -> Kernel:

@@ -14,7 +14,7 @@ import pytest
 from shim.vm import accel
 from shim.vm.guest import GuestMount, GuestSetup, init_script
 from shim.vm.initramfs import Entry, initramfs, newc_archive
-from shim.vm.kernel import Kernel, find_kernel, modinfo
+from shim.vm.kernel import Kernel, find_kernel, has_module_index, modinfo, write_module_index
 from shim.vm.qemu import SerialPort, Share, VmConfig, command_line
 
 
@@ -202,3 +202,30 @@ def test_accel_setting_wins_and_the_probe_result_is_cached(
     assert json.loads(cache.read_text())["accel"] == "tcg"
     with pytest.raises(ValueError, match="expected kvm or tcg"):
         accel.choose_accel(kernel, cache, forced="hvf")
+
+
+def test_init_script_gives_the_kernel_a_modprobe_only_with_a_modules_tree() -> None:
+    plain = init_script(GuestSetup(modules=(), mounts=(), command="true"))
+    assert "modprobe" not in plain
+    script = init_script(GuestSetup(modules=(), mounts=(), command="true", modules_tree="mods"))
+    stage1, stage2 = script.split("stage2() {")
+    assert "mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro,cache=loose mods" in stage1
+    assert "ln /newroot/.vm/busybox /newroot/.vm/modroot/modprobe" in stage1
+    assert "chroot /.vm/modroot /modprobe" in stage1
+    assert "echo /.vm/modprobe > /proc/sys/kernel/modprobe" in stage2
+    assert "mount -t proc proc /.vm/modroot/proc" in stage2
+
+
+@pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="needs busybox")
+def test_the_module_index_comes_from_busybox_depmod(tmp_path: Path) -> None:
+    kernel = fake_kernel(tmp_path)
+    (kernel.modules_dir / "kernel" / "fs" / "d.ko").write_bytes(
+        elf_with_modinfo(b"alias=fs-dfs\0depends=\0")
+    )
+    assert not has_module_index(kernel)
+    write_module_index(kernel, Path("/bin/busybox"))
+    assert has_module_index(kernel)
+    dep = (kernel.modules_dir / "modules.dep").read_text().splitlines()
+    assert "kernel/fs/a.ko: kernel/fs/b-x.ko" in dep
+    assert "alias fs-dfs d" in (kernel.modules_dir / "modules.alias").read_text()
+    assert not [p for p in kernel.modules_dir.iterdir() if p.name.startswith(".")]
