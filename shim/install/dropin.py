@@ -30,7 +30,7 @@ CRI_PLUGIN_V2 = "io.containerd.grpc.v1.cri"
 # containerd 1.x's built-in handler, lost once any file defines a runtimes table.
 DEFAULT_RUNC = {"runtime_type": "io.containerd.runc.v2"}
 
-RUNSC_TOML = """\
+_RUNSC_TOML_HEAD = """\
 # runsc.toml for pyshim's pyrunsc handler (gVisor's format), written by pyshim install and
 # then yours to edit: pyshim never rewrites or removes it.
 #
@@ -48,8 +48,24 @@ RUNSC_TOML = """\
 #   network_fallback = "none"    # loopback only
 # chooses what such pods get instead; the netstack is kept wherever it works. Under
 # [runsc_config], network = "host" | "none" | "sandbox" applies to every pod.
+#
+# Seccomp. runsc enforces a container's seccomp profile (Kubernetes' RuntimeDefault and
+# Localhost profiles, Docker's default) inside the sandbox only with oci-seccomp = "true";
+# without it pyshim logs a warning for each container whose spec asks for one.
 [runsc_config]
 """
+OCI_SECCOMP = 'oci-seccomp = "true"\n'
+
+
+def runsc_toml(oci_seccomp: bool = True, runsc: str = "runsc") -> str:
+    """The starter runsc.toml; without ``oci_seccomp`` (a runsc that lacks the flag, which
+    it would refuse along with every command) the line stays a comment."""
+    if oci_seccomp:
+        return _RUNSC_TOML_HEAD + OCI_SECCOMP
+    return _RUNSC_TOML_HEAD + f"# {OCI_SECCOMP.strip()}  # {runsc} has no such flag: not enforced\n"
+
+
+RUNSC_TOML = runsc_toml()
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPES = {

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from shim.install import dropin, files, mainconfig
 from shim.install.containerd import containerd_version, drop_in_version, find_containerd
 from shim.install.errors import InstallError
+from shim.install.runsc import runsc_flags
 from shim.runtimes.registry import builtin_runtime_names
 
 DROP_IN_NAME = "pyshim.toml"
@@ -76,7 +77,7 @@ def plan_install(settings: Settings) -> Plan:
         steps.append(Step(f"note: {settings.config} is config version 2, so the drop-in is too"))
     steps += [_link(link, script) for link, script in settings.links()]
     if "pyrunsc" in settings.backends:
-        steps.append(_runsc_config(settings.runsc_config))
+        steps += _runsc_config(settings.runsc_config)
     cri_base = None
     if major == 1:  # 1.x replaces a plugin's section whole per file (containerd issue #5837)
         _refuse_other_cri_files(settings, mainconfig.imports_of(doc, settings.config))
@@ -160,10 +161,15 @@ def _points_to(link: Path, script: Path) -> bool:
     )
 
 
-def _runsc_config(path: Path) -> Step:
+def _runsc_config(path: Path) -> list[Step]:
     if path.exists():
-        return Step(f"unchanged: {path} exists (left as it is)")
-    return _write(path, dropin.RUNSC_TOML)
+        return [Step(f"unchanged: {path} exists (left as it is)")]
+    # No runsc yet: one installed later is taken to have --oci-seccomp (Debian 12's has it).
+    flags = runsc_flags()
+    if flags is None or "oci-seccomp" in flags:
+        return [_write(path, dropin.runsc_toml())]
+    note = "note: runsc has no --oci-seccomp: gVisor pods' seccomp profiles are not enforced"
+    return [_write(path, dropin.runsc_toml(oci_seccomp=False)), Step(note)]
 
 
 def _write_drop_in(path: Path, text: str) -> Step:

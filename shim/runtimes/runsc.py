@@ -368,6 +368,8 @@ class RunscContainer(oci.OciCliContainer):
         self._paused = False
         self._sandbox_id = sandbox_of(config.id, spec)
         self._netns = netns_path(spec)
+        # runsc --oci-seccomp confines the container's own processes, not `runsc exec`'s.
+        self._unconfined_execs = bool(spec.get("linux", {}).get("seccomp"))
         self._exit: SubcontainerExit | None = None  # a sub-container's, once created
         self._sandbox_exited: asyncio.Future[Exit] | None = None  # an own sandbox's, once created
         self._started = False
@@ -486,6 +488,12 @@ class RunscContainer(oci.OciCliContainer):
         return ["--internal-pid-file", self._pid_file(f"{exec_id}-sandbox")]
 
     async def exec(self, exec_id: str, process: Mapping[str, Any], stdio: ProcessStdio) -> Launched:
+        if self._unconfined_execs:
+            self._unconfined_execs = False  # once per container: probes exec every few seconds
+            log.warning(
+                "%s: runsc applies the container's seccomp profile to its own processes only: "
+                "its execs run without it", self._id,
+            )  # fmt: skip
         adapted = copy.deepcopy(dict(process))
         binary = self.options.binary_name
         await runsc_spec.adapt_capabilities(adapted, binary, f"{self._id} exec {exec_id}")

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from shim.install import main
-from shim.install.dropin import MARKER, RUNSC_TOML, render_dropin
+from shim.install import main, plan
+from shim.install.dropin import MARKER, RUNSC_TOML, render_dropin, runsc_toml
 from shim.install.mainconfig import add_import, import_matches
 from shim.runtimes.registry import builtin_runtime_names
 
@@ -373,10 +373,53 @@ def test_containerd_1_refuses_a_config_without_a_version_line(
 
 
 def test_the_starter_runsc_toml_keeps_the_netstack_and_documents_the_fallback() -> None:
-    assert tomllib.loads(RUNSC_TOML) == {"runsc_config": {}}  # runsc's defaults, no fallback
+    # runsc's defaults but for seccomp, which it enforces only when told; no fallback
+    assert tomllib.loads(RUNSC_TOML) == {"runsc_config": {"oci-seccomp": "true"}}
     for choice in ("host", "none"):
         line = f'#   network_fallback = "{choice}"'
         assert line in RUNSC_TOML
         # Uncommented where it stands (above the table), it is the top-level key the shim reads.
         chosen = RUNSC_TOML.replace(line, line.replace("#   ", "", 1))
         assert tomllib.loads(chosen)["network_fallback"] == choice
+
+
+def test_the_runsc_toml_enforces_seccomp_if_the_nodes_runsc_can(
+    node: Node, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    imported(node)
+    monkeypatch.setattr(plan, "runsc_flags", lambda: {"network", "oci-seccomp"})
+    assert node.run("install") == 0
+    assert tomllib.loads(node.runsc_config.read_text())["runsc_config"]["oci-seccomp"] == "true"
+    capsys.readouterr()
+
+    # A runsc without the flag would refuse every command given it: the line stays a comment.
+    node.runsc_config.unlink()
+    monkeypatch.setattr(plan, "runsc_flags", lambda: {"network"})
+    assert node.run("install") == 0
+    assert tomllib.loads(node.runsc_config.read_text()) == {"runsc_config": {}}
+    assert '# oci-seccomp = "true"' in node.runsc_config.read_text()
+    assert "seccomp profiles are not enforced" in capsys.readouterr().out
+
+    # No runsc on the node yet: one installed later has the flag.
+    node.runsc_config.unlink()
+    monkeypatch.setattr(plan, "runsc_flags", lambda: None)
+    assert node.run("install") == 0
+    assert node.runsc_config.read_text() == runsc_toml()
+
+
+def test_runsc_flags_are_read_from_runsc_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shim.install.runsc import runsc_flags
+
+    fake = tmp_path / "runsc"
+    # runsc prints the flags on stderr, Go's flag package style.
+    fake.write_text(
+        '#!/bin/sh\n[ "$1" = flags ] || exit 2\n'
+        "printf '  -network value\\n    \\tspecifies...\\n' >&2\n"
+        "printf '  -oci-seccomp\\n    \\tEnables...\\n' >&2\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert runsc_flags() == {"network", "oci-seccomp"}
+    assert runsc_flags("no-such-runsc") is None
