@@ -147,11 +147,16 @@ def _covering_mount(
     best: tuple[int, Mapping[str, Any]] | None = None
     best_length = -1
     for mount in mounts:
-        destination = posixpath.normpath(str(mount.get("destination") or "/"))
+        destination = _absolute(str(mount.get("destination") or "/"))
         under = path == destination or path.startswith(destination.rstrip("/") + "/")
         if under and len(destination) >= best_length:
             best, best_length = (len(destination), mount), len(destination)
     return best
+
+
+def _absolute(path: str) -> str:
+    # normpath keeps a leading "//" (POSIX leaves its meaning open).
+    return posixpath.normpath("/" + path.lstrip("/"))
 
 
 def _is_bind(mount: Mapping[str, Any]) -> bool:
@@ -191,7 +196,7 @@ def readonly_binds(spec: dict[str, Any], bundle: str, container_id: str) -> bool
     sandbox_kernel: list[str] = []
     unbound: list[str] = []
     for raw in paths:
-        path = posixpath.normpath("/" + str(raw))
+        path = _absolute(str(raw))
         covering = _covering_mount(original, path)
         if covering is None:
             source, why = _resolve_plain(rootfs, path)
@@ -211,12 +216,11 @@ def readonly_binds(spec: dict[str, Any], bundle: str, container_id: str) -> bool
         added.append({"destination": path, "type": "bind", "source": source,
                       "options": ["rbind", "ro"]})  # fmt: skip
         # What was mounted below it stays, on top of the read-only bind.
+        below = path.rstrip("/") + "/"
         added += [
             copy.deepcopy(m)
             for m in original
-            if posixpath.normpath(str(m.get("destination") or "/")).startswith(
-                path.rstrip("/") + "/"
-            )
+            if _absolute(str(m.get("destination") or "/")).startswith(below)
         ]
     if sandbox_kernel:
         log.info(

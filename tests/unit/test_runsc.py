@@ -10,6 +10,7 @@ import signal
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any as AnyValue
 
 import pytest
 from google.protobuf.any_pb2 import Any
@@ -17,7 +18,7 @@ from google.protobuf.any_pb2 import Any
 from shim.api.cgroups.v1 import metrics_pb2 as v1
 from shim.api.cgroups.v2 import metrics_pb2 as v2
 from shim.api.runtimeoptions.v1.api_pb2 import Options
-from shim.runtimes import runsc
+from shim.runtimes import runsc, runsc_spec
 from shim.runtimes.base import ContainerConfig
 from shim.runtimes.oci import last_runtime_error
 from shim.runtimes.runsc import (
@@ -479,3 +480,122 @@ def test_the_netns_probe_tells_the_initial_netns() -> None:
         os._exit(runsc._probe_netns(""))
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) in (runsc.NETNS_USABLE, runsc.NETNS_MISJUDGED)
+
+
+# -- the spec adapted to the runsc (shim.runtimes.runsc_spec) ----------------------------------
+
+PRIVILEGED_CAPS = ["CAP_CHOWN", "CAP_SYS_ADMIN", "CAP_PERFMON", "CAP_BPF"]
+
+
+def fake_runsc(tmp_path: Path, strings: bytes) -> str:
+    """An executable whose bytes hold `strings`, as runsc's hold its capability table."""
+    binary = tmp_path / "fake-runsc"
+    binary.write_bytes(b"\x7fELF....." + strings + b"\x00more")
+    binary.chmod(0o755)
+    return str(binary)
+
+
+def test_capabilities_a_runsc_does_not_know_are_dropped_from_every_set(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    binary = fake_runsc(tmp_path, b"CAP_CHOWNCAP_SYS_ADMINCAP_BPFCAP_KILL")
+    sets = ("bounding", "effective", "inheritable", "permitted", "ambient")
+    process: dict[str, AnyValue] = {"capabilities": {key: list(PRIVILEGED_CAPS) for key in sets}}
+
+    changed = asyncio.run(runsc_spec.adapt_capabilities(process, binary, "c1"))
+
+    assert changed
+    for key in sets:
+        assert process["capabilities"][key] == ["CAP_CHOWN", "CAP_SYS_ADMIN", "CAP_BPF"]
+    assert "CAP_PERFMON: dropped" in caplog.text and "c1" in caplog.text
+
+
+def test_capabilities_stay_when_the_runsc_knows_them_or_cannot_tell(tmp_path: Path) -> None:
+    knows = fake_runsc(tmp_path, b"CAP_CHOWNCAP_PERFMONCAP_BPF")
+    process: dict[str, AnyValue] = {"capabilities": {"bounding": list(PRIVILEGED_CAPS)}}
+    assert not asyncio.run(runsc_spec.adapt_capabilities(process, knows, "c1"))
+    # A packed or unreadable binary tells nothing: runsc itself will judge the spec.
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    tells_nothing = fake_runsc(packed, b"UPX!")
+    assert not asyncio.run(runsc_spec.adapt_capabilities(process, tells_nothing, "c1"))
+    assert process["capabilities"]["bounding"] == PRIVILEGED_CAPS
+    # Linux's capabilities before 5.8 are never looked up.
+    assert asyncio.run(runsc_spec.unknown_capabilities("/no/such/runsc", {"CAP_CHOWN"})) == set()
+
+
+def rootfs_spec(
+    tmp_path: Path, paths: list[str], mounts: list[dict[str, AnyValue]]
+) -> dict[str, AnyValue]:
+    return {"root": {"path": "rootfs"}, "mounts": mounts, "linux": {"readonlyPaths": paths}}
+
+
+def test_readonly_paths_become_read_only_bind_mounts_of_themselves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "tmp").mkdir()
+    (rootfs / "escape").symlink_to("/etc")  # the image's: it must not name the host's /etc
+    volume = tmp_path / "volume"
+    (volume / "data").mkdir(parents=True)
+    hosts = {
+        "destination": "/etc/hosts",
+        "type": "bind",
+        "source": "/x/hosts",
+        "options": ["rbind"],
+    }
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+        hosts,
+        {"destination": "/vol", "type": "bind", "source": str(volume), "options": ["rbind"]},
+    ]
+    paths = ["/etc", "/vol/data", "/proc/sys", "/dev/shm", "/escape", "/missing", "tmp/../tmp"]
+    spec = rootfs_spec(tmp_path, paths, [dict(m) for m in mounts])
+
+    assert runsc_spec.readonly_binds(spec, str(tmp_path), "c1")
+
+    def ro(destination: str, source: Path) -> dict[str, AnyValue]:
+        return {"destination": destination, "type": "bind", "source": str(source),
+                "options": ["rbind", "ro"]}  # fmt: skip
+
+    assert spec["mounts"] == [
+        *mounts,
+        ro("/etc", rootfs / "etc"),
+        hosts,  # still on top of the read-only /etc, as with runc
+        ro("/vol/data", volume / "data"),
+        ro("/tmp", rootfs / "tmp"),
+    ]
+    assert "/escape" in caplog.text and "symlink" in caplog.text
+    assert "/dev/shm" in caplog.text and "stay writable" in caplog.text
+    assert "/missing" not in caplog.text
+
+
+def test_a_spec_without_readonly_paths_is_left_alone(tmp_path: Path) -> None:
+    spec = rootfs_spec(tmp_path, [], [])
+    assert not runsc_spec.readonly_binds(spec, str(tmp_path), "c1")
+
+
+@pytest.mark.parametrize(
+    ("flags", "warned"),
+    [({}, True), ({"oci-seccomp": "false"}, True), ({"oci-seccomp": "true"}, False)],
+)
+def test_a_seccomp_runsc_will_not_apply_is_warned_of(
+    flags: dict[str, str], warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = {"linux": {"seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}}}
+    runsc_spec.warn_unapplied_seccomp(spec, flags, "c1", "/etc/runsc.toml")
+    assert ("not enforced" in caplog.text) == warned
+    caplog.clear()
+    runsc_spec.warn_unapplied_seccomp({"linux": {}}, {}, "c1", "")
+    assert not caplog.text
+
+
+def test_the_adapted_spec_replaces_config_json(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").chmod(0o640)
+    runsc_spec.write_spec(str(tmp_path), {"ociVersion": "1.0.2"})
+    assert json.loads((tmp_path / "config.json").read_text()) == {"ociVersion": "1.0.2"}
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
