@@ -539,13 +539,13 @@ def test_readonly_paths_become_read_only_bind_mounts_of_themselves(
     (rootfs / "escape").symlink_to("/etc")  # the image's: it must not name the host's /etc
     volume = tmp_path / "volume"
     (volume / "data").mkdir(parents=True)
-    hosts = {
+    hosts: dict[str, AnyValue] = {
         "destination": "/etc/hosts",
         "type": "bind",
         "source": "/x/hosts",
         "options": ["rbind"],
     }
-    mounts = [
+    mounts: list[dict[str, AnyValue]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
         hosts,
