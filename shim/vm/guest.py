@@ -5,12 +5,12 @@ into it, because the initramfs root cannot be pivot_root'ed away from (runc's co
 that). Stage 2 runs as PID 1 on the new root: cgroup2 with every controller enabled for
 children, then the workload; the guest powers off when it ends.
 
-Kernel modules beyond the boot's: with a `modules_tree` share (the kernel's lib/modules), the
-kernel's own module requests (a bridge ioctl, `ip link add type veth`, opening /dev/net/tun, an
-overlay or nf_tables mount/socket) run busybox's modprobe in a chroot whose /lib/modules is that
-share: the guest's /lib is the host's /usr/lib (read-only, another kernel's modules or none), so
-/lib/modules/<release> cannot be put there. Nothing is loaded until asked for: the boot pays one
-9p mount and a proc mount.
+Kernel modules beyond the boot's: with a `modules_tree` (where a share shows the kernel's
+lib/modules in the guest), the kernel's own module requests (a bridge ioctl, `ip link add type
+veth`, opening /dev/net/tun, an overlay mount, an nf_tables socket) run busybox's modprobe in a
+chroot where that tree is bound at /lib/modules: the guest's /lib is the host's /usr/lib
+(read-only; another kernel's modules or none), so /lib/modules/<release> cannot be put there.
+Nothing is loaded until asked for: the boot pays a bind mount and a proc mount.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ class GuestSetup:
     # Where the workload's exit code is written (on a writable share), if anywhere.
     status_file: str | None = None
     environment: Sequence[tuple[str, str]] = field(default_factory=tuple)
-    # The 9p tag of the kernel's lib/modules (with busybox's modules.dep), for on-demand loads.
+    # The guest path of the kernel's lib/modules (with busybox's modules.dep), on a share, for
+    # on-demand loads.
     modules_tree: str | None = None
 
 
@@ -112,25 +113,24 @@ def init_script(setup: GuestSetup) -> str:
     return "\n".join(lines)
 
 
-def _modprobe_stage1(tag: str | None) -> list[str]:
-    """The modprobe chroot (the share, busybox as /modprobe) and the helper script."""
-    if tag is None:
+def _modprobe_stage1(tree: str | None) -> list[str]:
+    """The modprobe chroot (the modules tree, busybox as /modprobe) and the helper script."""
+    if tree is None:
         return []
     root = f"/newroot{_MODPROBE_ROOT}"
-    options = f"{NINEP_OPTIONS},ro,{READONLY_CACHE}"
     chrooted = f'exec {_STAGE_DIR}/busybox chroot {_MODPROBE_ROOT} /modprobe "$@"'
     helper = f"#!{_STAGE_DIR}/busybox sh\\n{chrooted}\\n"
     return [
         f"  mkdir -p {root}/lib/modules {root}/proc",
-        f"  mount -t 9p -o {options} {shlex.quote(tag)} {root}/lib/modules",
+        f"  mount --bind {shlex.quote('/newroot' + tree)} {root}/lib/modules",
         f"  ln /newroot{_STAGE_DIR}/busybox {root}/modprobe",
         f"  printf {shlex.quote(helper)} > /newroot{_MODPROBE} && chmod 755 /newroot{_MODPROBE}",
     ]
 
 
-def _modprobe_stage2(tag: str | None) -> list[str]:
+def _modprobe_stage2(tree: str | None) -> list[str]:
     """/proc/modules for modprobe (what is loaded), and the kernel's helper set to ours."""
-    if tag is None:
+    if tree is None:
         return []
     return [
         f"  $bb mount -t proc proc {_MODPROBE_ROOT}/proc",

@@ -207,9 +207,9 @@ def test_accel_setting_wins_and_the_probe_result_is_cached(
 def test_init_script_gives_the_kernel_a_modprobe_only_with_a_modules_tree() -> None:
     plain = init_script(GuestSetup(modules=(), mounts=(), command="true"))
     assert "modprobe" not in plain
-    script = init_script(GuestSetup(modules=(), mounts=(), command="true", modules_tree="mods"))
-    stage1, stage2 = script.split("stage2() {")
-    assert "mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro,cache=loose mods" in stage1
+    setup = GuestSetup(modules=(), mounts=(), command="true", modules_tree="/repo/lib/modules")
+    stage1, stage2 = init_script(setup).split("stage2() {")
+    assert "mount --bind /newroot/repo/lib/modules /newroot/.vm/modroot/lib/modules" in stage1
     assert "ln /newroot/.vm/busybox /newroot/.vm/modroot/modprobe" in stage1
     assert "chroot /.vm/modroot /modprobe" in stage1
     assert "echo /.vm/modprobe > /proc/sys/kernel/modprobe" in stage2
