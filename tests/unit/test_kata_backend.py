@@ -204,9 +204,13 @@ def test_a_boot_failing_before_qemu_removes_the_vm_directory(
     async def tcg(self: Vm, kernel: Any) -> str:
         return "tcg"
 
+    async def image(self: Vm, kernel: Any) -> Path:
+        return tmp_path / "vmlinux"
+
     monkeypatch.setattr("shim.kata.vm.BASE_DIR", tmp_path)
     monkeypatch.setattr("shim.kata.vm.find_kernel", lambda directory: object())
     monkeypatch.setattr(Vm, "_choose_accel", tcg)
+    monkeypatch.setattr(Vm, "_boot_image", image)
     monkeypatch.setattr(Vm, "_write_guest_files", fail)
     vm = Vm(None, VmPaths(tmp_path / "vm"), KataConfig())  # type: ignore[arg-type]
     with pytest.raises(OSError, match="no busybox"):
