@@ -416,7 +416,8 @@ class RunscContainer(oci.OciCliContainer):
 
     async def _choose_network(self) -> None:
         """Before `runsc create`: keep gVisor's netstack unless this runsc would refuse the
-        pod's netns by mistake; then the configured fallback, else a clear error. A pod's
+        pod's netns by mistake; then the configured fallback, else a clear error (for a new
+        netns that a hook sets up, loopback only and a warning). A pod's
         sub-containers decide alike, so that every runsc command of the pod has one mode."""
         options = self.options
         if options.flags.get("network", "sandbox") != "sandbox":
@@ -428,14 +429,24 @@ class RunscContainer(oci.OciCliContainer):
         # A fixed runsc, or a build without a date (then runsc's own refusal is explained).
         if release is None or release >= FIXED_RELEASE:
             return
-        if not options.network_fallback:
+        fallback = options.network_fallback
+        if not fallback and not self._netns:
+            # A new netns for a hook to set up (Docker, whose `--network none` has the hook
+            # too): loopback only, as this shim gave such containers before hooks counted.
+            fallback = "none"
+            log.warning(
+                "%s: %s; the container gets loopback only",
+                self._id,
+                netstack_refused_message(options.binary_name, release, options.config_path),
+            )
+        if not fallback:
             message = netstack_refused_message(options.binary_name, release, options.config_path)
             raise TtrpcError(Code.FAILED_PRECONDITION, message)
         log.info(
             "%s: runsc %d would refuse the netns %s (gVisor issue 10704): network=%s",
-            self._id, release, self._netns, options.network_fallback,
+            self._id, release, self._netns or "(new)", fallback,
         )  # fmt: skip
-        flags = {**options.flags, "network": options.network_fallback}
+        flags = {**options.flags, "network": fallback}
         self.options = replace(options, flags=flags)
         self.options.save(self._bundle)
 
