@@ -12,6 +12,7 @@ from typing import Any
 
 from shim.agent.netlink import Netlink, link_by_mac
 from shim.api.agent.v1 import agent_pb2 as api
+from shim.runtimes.spec import network_namespace
 from shim.ttrpc.errors import Code, TtrpcError
 
 
@@ -56,10 +57,9 @@ def take_root_netns_sysctls(spec: dict[str, Any]) -> None:
     network namespace (a pod's sandbox: the guest's root netns holds the pod's NIC), and take
     them out of the spec: runc refuses them there ("not allowed in host network namespace"),
     while containerd 2.x gives every pod's sandbox some (ip_unprivileged_port_start, ...)."""
-    linux = spec.get("linux") or {}
-    sysctls = linux.get("sysctl") or {}
-    network = [n for n in linux.get("namespaces") or [] if n.get("type") == "network"]
-    if not sysctls or (network and not _is_own_netns(network[0].get("path") or "")):
+    sysctls = (spec.get("linux") or {}).get("sysctl") or {}
+    path = network_namespace(spec)
+    if not sysctls or (path is not None and not _is_own_netns(path)):
         return
     for key in [k for k in sysctls if k.startswith("net.")]:
         value = str(sysctls.pop(key))

@@ -22,18 +22,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from shim.runtimes.spec import is_bind, is_recursive
+
 SHARED_IN_GUEST = "/pyshim/shared"  # the VM's shared directory, mounted by 9p
 _PROC_NS = re.compile(r"/proc/(\d+)/ns/\w+")
-
-
-def is_bind(mount: Mapping[str, Any]) -> bool:
-    options = mount.get("options") or []
-    return mount.get("type") == "bind" or "bind" in options or "rbind" in options
-
-
-def is_recursive(mount: Mapping[str, Any]) -> bool:
-    """A bind that takes the mounts below its source along (runc: only with "rbind")."""
-    return "rbind" in (mount.get("options") or [])
 
 
 @dataclass(frozen=True)

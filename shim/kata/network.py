@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from shim.api.agent.v1 import agent_pb2 as api
 from shim.runtimes.cri import is_pod_sandbox
+from shim.runtimes.spec import network_namespace
 from shim.sys.namespaces import CLONE_NEWNET, setns
 
 T = TypeVar("T")
@@ -53,14 +54,6 @@ class HostNetworkRefused(Exception):
 
 
 # -- what the spec asks for ------------------------------------------------------------------
-
-
-def network_namespace(spec: Mapping[str, Any]) -> str | None:
-    """The path of the spec's network namespace: "" for a new one, None for the host's."""
-    for namespace in (spec.get("linux") or {}).get("namespaces") or []:
-        if namespace.get("type") == "network":
-            return str(namespace.get("path") or "")
-    return None
 
 
 def vm_netns(spec: Mapping[str, Any]) -> str:

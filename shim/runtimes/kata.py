@@ -30,8 +30,6 @@ from shim.kata.guestspec import (
     container_dir_in_guest,
     guest_process,
     guest_spec,
-    is_bind,
-    is_recursive,
     shared_bind_name,
 )
 from shim.kata.network import HostNetworkRefused, vm_netns
@@ -57,6 +55,7 @@ from shim.runtimes.base import (
     recorded_init_pid,
 )
 from shim.runtimes.cri import SANDBOX_ID, annotation
+from shim.runtimes.spec import is_bind, is_recursive
 from shim.sys.mount import unmount_all
 from shim.sys.reaper import Exit
 from shim.ttrpc.errors import Code, TtrpcError

@@ -66,6 +66,7 @@ from shim.runtimes.base import (
 )
 from shim.runtimes.cri import CONTAINER_TYPE, SANDBOX_ID, annotation
 from shim.runtimes.options import read_toml_config
+from shim.runtimes.spec import network_namespace
 from shim.sys.cgroup_limits import refuse_unapplied, set_resources
 from shim.sys.cgroups import Cgroup
 from shim.sys.namespaces import CLONE_NEWNET, setns, unshare
@@ -155,24 +156,15 @@ def config_path(options: Any | None) -> str:
     return str(Options.FromString(options.value).config_path) if options is not None else ""
 
 
-def netns_path(spec: Mapping[str, Any]) -> str:
-    """The network namespace the container joins ("" for none)."""
-    for ns in spec.get("linux", {}).get("namespaces", []):
-        if ns.get("type") == "network" and ns.get("path"):
-            return str(ns["path"])
-    return ""
-
-
 def _network_mode(spec: Mapping[str, Any]) -> str | None:
     """runsc's network mode for the spec's network namespace, None for runsc's default."""
-    namespaces = spec.get("linux", {}).get("namespaces", [])
-    network = [ns for ns in namespaces if ns.get("type") == "network"]
-    if not network:
+    path = network_namespace(spec)
+    if path is None:
         # The host's network (CRI hostNetwork, ctr --net-host), as runc shares it. runsc's
         # default would copy the host's interfaces into its netstack, and refuse to.
         return "host"
     hooks = spec.get("hooks") or {}
-    if not network[0].get("path") and not (hooks.get("prestart") or hooks.get("createRuntime")):
+    if not path and not (hooks.get("prestart") or hooks.get("createRuntime")):
         # A new namespace that nothing sets up: loopback only, which is all `none` gives.
         return "none"
     # A namespace set up for the container, by CNI (a path) or by a hook (Docker's bridge):
@@ -367,7 +359,7 @@ class RunscContainer(oci.OciCliContainer):
         self._execs: dict[str, _Exec] = {}
         self._paused = False
         self._sandbox_id = sandbox_of(config.id, spec)
-        self._netns = netns_path(spec)
+        self._netns = network_namespace(spec) or ""  # "" for a new one or the host's
         # runsc --oci-seccomp confines the container's own processes, not `runsc exec`'s.
         self._unconfined_execs = bool(spec.get("linux", {}).get("seccomp"))
         self._exit: SubcontainerExit | None = None  # a sub-container's, once created

@@ -34,6 +34,8 @@ import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from shim.runtimes.spec import is_bind
+
 log = logging.getLogger(__name__)
 
 CAPABILITY_SETS = ("bounding", "effective", "inheritable", "permitted", "ambient")
@@ -50,7 +52,6 @@ LEGACY_CAPABILITIES = frozenset(
         *("BLOCK_SUSPEND", "AUDIT_READ"),
     )
 )
-BIND_TYPES = ("bind", "rbind")
 GO_TRUE = ("1", "t", "T", "true", "TRUE", "True")  # what Go's flag package takes as true
 
 # (binary's real path, mtime) -> capability name -> whether that runsc knows it.
@@ -159,11 +160,6 @@ def _absolute(path: str) -> str:
     return posixpath.normpath("/" + path.lstrip("/"))
 
 
-def _is_bind(mount: Mapping[str, Any]) -> bool:
-    options = mount.get("options") or ()
-    return mount.get("type") in BIND_TYPES or any(o in BIND_TYPES for o in options)
-
-
 def _resolve_plain(base: str, relative: str) -> tuple[str, str]:
     """`base`/`relative` on the host, and "" if it exists with no symlink on the way; else
     the path and why not. A symlink in the container's files could point anywhere on the
@@ -200,7 +196,7 @@ def readonly_binds(spec: dict[str, Any], bundle: str, container_id: str) -> bool
         covering = _covering_mount(original, path)
         if covering is None:
             source, why = _resolve_plain(rootfs, path)
-        elif _is_bind(covering[1]):
+        elif is_bind(covering[1]):
             length, mount = covering
             source, why = _resolve_plain(str(mount.get("source") or ""), path[length:])
         else:

@@ -33,6 +33,7 @@ import stat
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 
+from shim.runtimes.spec import is_bind, is_recursive
 from shim.sys._native import ffi, lib
 from shim.sys.namespaces import (
     CLONE_NEWIPC,
@@ -108,9 +109,9 @@ def binds(mounts: Sequence[Mapping[str, Any]]) -> list[Bind]:
     a later ro/rw wins."""
     found: list[Bind] = []
     for mount in mounts:
-        options = [str(o) for o in mount.get("options") or []]
-        if mount.get("type") != "bind" and not {"bind", "rbind"} & set(options):
+        if not is_bind(mount):
             continue
+        options = [str(o) for o in mount.get("options") or []]
         readonly = False
         for option in options:
             if option in ("ro", "rw"):
@@ -119,7 +120,7 @@ def binds(mounts: Sequence[Mapping[str, Any]]) -> list[Bind]:
             {
                 "source": str(mount.get("source") or ""),
                 "destination": str(mount.get("destination") or ""),
-                "recursive": "rbind" in options,
+                "recursive": is_recursive(mount),
                 "readonly": readonly,
                 "flags": [o for o in options if o in _BIND_REMOUNT_FLAGS],
             }
