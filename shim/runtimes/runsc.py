@@ -189,8 +189,8 @@ def _probe_netns(path: str) -> int:
 
 async def netns_misjudged(reaper: Reaper, path: str) -> bool:
     """Whether the netns at `path` (or a new one, without a path) shows rmem_default without
-    being the initial netns. A fork,
-    not a thread of the daemon: setns changes the calling thread for good."""
+    being the initial netns. A fork, not a thread of the daemon: setns changes the calling
+    thread for good."""
     _, exited = fork_call(reaper, lambda: _probe_netns(path), fds={})
     status = (await exited).status
     if status not in (NETNS_USABLE, NETNS_MISJUDGED, NETNS_INITIAL):
@@ -422,18 +422,14 @@ class RunscContainer(oci.OciCliContainer):
         if release is None or release >= FIXED_RELEASE:
             return
         fallback = options.network_fallback
-        if not fallback and not self._netns:
+        if not fallback:
+            message = netstack_refused_message(options.binary_name, release, options.config_path)
+            if self._netns:
+                raise TtrpcError(Code.FAILED_PRECONDITION, message)
             # A new netns for a hook to set up (Docker, whose `--network none` has the hook
             # too): loopback only, as this shim gave such containers before hooks counted.
             fallback = "none"
-            log.warning(
-                "%s: %s; the container gets loopback only",
-                self._id,
-                netstack_refused_message(options.binary_name, release, options.config_path),
-            )
-        if not fallback:
-            message = netstack_refused_message(options.binary_name, release, options.config_path)
-            raise TtrpcError(Code.FAILED_PRECONDITION, message)
+            log.warning("%s: %s; the container gets loopback only", self._id, message)
         log.info(
             "%s: runsc %d would refuse the netns %s (gVisor issue 10704): network=%s",
             self._id, release, self._netns or "(new)", fallback,
