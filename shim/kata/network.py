@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import struct
@@ -32,6 +33,8 @@ from shim.api.agent.v1 import agent_pb2 as api
 from shim.runtimes.cri import is_pod_sandbox
 from shim.runtimes.spec import network_namespace
 from shim.sys.namespaces import CLONE_NEWNET, setns
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -160,6 +163,18 @@ def plumb(plumbing: Plumbing) -> Plumbed:
     """In the netns: describe its network and, if it has an interface, join a new tap to it.
     Nothing is left made on failure."""
     return run_in_netns(plumbing.netns, lambda: _plumb_here(plumbing))
+
+
+def unplumb_recorded(record: Path) -> None:
+    """Undo what the record (written before anything was made) says was made for a VM; a
+    failure is logged: the VM goes regardless."""
+    plumbing = Plumbing.read(record)
+    if plumbing is None:
+        return
+    try:
+        unplumb(plumbing)
+    except Exception:
+        log.exception("cannot remove the VM's tap and qdiscs in %s", plumbing.netns)
 
 
 def unplumb(plumbing: Plumbing) -> None:

@@ -132,14 +132,9 @@ def destroy_dead_vm(paths: VmPaths) -> None:
         while qemu_pid(paths) and time.monotonic() < deadline:
             time.sleep(0.02)
     if paths.network_record.exists():
-        from shim.kata.network import Plumbing, unplumb  # pyroute2: only for a pod's network
+        from shim.kata.network import unplumb_recorded
 
-        plumbing = Plumbing.read(paths.network_record)
-        if plumbing is not None:
-            try:
-                unplumb(plumbing)
-            except Exception:
-                log.exception("cannot remove the VM's tap and qdiscs in %s", plumbing.netns)
+        unplumb_recorded(paths.network_record)
     remove_vm_dir(paths)
 
 

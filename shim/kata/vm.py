@@ -29,7 +29,7 @@ from shim.kata.config import REPO, KataConfig, VmSize
 from shim.kata.guestspec import SHARED_IN_GUEST, Submount
 from shim.kata.state import BASE_DIR, VmPaths, remove_vm_dir, unshare_container
 from shim.runtimes.base import ShimContext
-from shim.sys.mount import MountSpec, mount_rootfs, mountinfo_field
+from shim.sys.mount import MountSpec, mount_rootfs, mount_table
 from shim.sys.reaper import Exit
 from shim.sys.spawn import fork_call, spawn
 from shim.ttrpc.errors import Code, TtrpcError
@@ -388,17 +388,10 @@ class Vm:
 
     async def _unplumb(self) -> None:
         """The tap (gone with QEMU, unless QEMU never got it) and the qdiscs in the netns."""
-        if not self.paths.network_record.exists():
-            return
-        from shim.kata.network import Plumbing, unplumb
+        if self.paths.network_record.exists():
+            from shim.kata.network import unplumb_recorded
 
-        plumbing = Plumbing.read(self.paths.network_record)
-        if plumbing is None:
-            return
-        try:
-            await asyncio.to_thread(unplumb, plumbing)
-        except Exception:
-            log.exception("cannot remove the VM's tap and qdiscs in %s", plumbing.netns)
+            await asyncio.to_thread(unplumb_recorded, self.paths.network_record)
 
 
 def _prepare_host(kernel: Kernel, busybox: Path) -> int:
@@ -450,13 +443,11 @@ def _bind(source: str, target: Path, *, recursive: bool = True) -> None:
 def _submounts(target: Path) -> list[Submount]:
     """The mounts strictly below `target`, shallowest first, with their read-only state."""
     prefix = str(target) + "/"
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            point = mountinfo_field(fields[4])
-            if point.startswith(prefix):
-                found.append(Submount(point[len(prefix) :], "ro" in fields[5].split(",")))
+    found = [
+        Submount(point[len(prefix) :], "ro" in options)
+        for point, options in mount_table()
+        if point.startswith(prefix)
+    ]
     # A path mounted twice: the later (upper) one is what the guest sees there.
     unique = {submount.path: submount for submount in found}
     return sorted(unique.values(), key=lambda s: s.path.count("/"))

@@ -184,12 +184,17 @@ def mountinfo_field(field: str) -> str:
     return field.encode().decode("unicode_escape") if "\\" in field else field
 
 
+def mount_table() -> list[tuple[str, list[str]]]:
+    """(mount point, the mount's own options) of each mount, in /proc/self/mountinfo's order
+    (a mount over another comes after it)."""
+    with open("/proc/self/mountinfo") as f:
+        return [
+            (mountinfo_field(fields[4]), fields[5].split(","))
+            for fields in (line.split() for line in f)
+        ]
+
+
 def mounts_under(prefix: str) -> list[str]:
     """Mount points at or below ``prefix``, deepest first."""
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = mountinfo_field(line.split()[4])
-            if point == prefix or point.startswith(prefix + "/"):
-                points.append(point)
+    points = [p for p, _ in mount_table() if p == prefix or p.startswith(prefix + "/")]
     return sorted(points, key=len, reverse=True)
