@@ -65,7 +65,7 @@ from shim.runtimes.base import (
     Runtime,
 )
 from shim.runtimes.cri import CONTAINER_TYPE, SANDBOX_ID, annotation
-from shim.runtimes.options import read_toml_config
+from shim.runtimes.options import config_path, read_toml_config
 from shim.runtimes.spec import network_namespace
 from shim.sys.cgroup_limits import refuse_unapplied, set_resources
 from shim.sys.cgroups import Cgroup
@@ -147,13 +147,6 @@ def _flag_value(value: object) -> str:
     if isinstance(value, bool):  # TOML true -> Go's flag syntax
         return "true" if value else "false"
     return str(value)
-
-
-def config_path(options: Any | None) -> str:
-    """The runsc.toml runtime options name ("" for none)."""
-    from shim.api.runtimeoptions.v1.api_pb2 import Options
-
-    return str(Options.FromString(options.value).config_path) if options is not None else ""
 
 
 def _network_mode(spec: Mapping[str, Any]) -> str | None:
