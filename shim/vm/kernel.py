@@ -1,9 +1,10 @@
-"""The Debian kernel unpacked by scripts/fetch-kernel, and its modules in load order.
+"""The Debian kernel unpacked by `pyshim assets` (shim.vm.assets), and its modules in load order.
 
 The unpacked package has no modules.dep (depmod runs at install), so the initramfs's
 dependencies come from each module's own .modinfo section ("depends=a,b"), as depmod reads
 them; for the guest's modprobe, `write_module_index` writes modules.dep and the alias files
-once with busybox's depmod (the host need not have kmod).
+once with busybox's depmod (the host need not have kmod), into the kernel's directory or
+(`write_module_index_to`) into another, such as the guest image's copy of the tree.
 """
 
 from __future__ import annotations
@@ -68,10 +69,16 @@ def has_module_index(kernel: Kernel) -> bool:
 
 
 def write_module_index(kernel: Kernel, busybox: Path) -> None:
-    """modules.dep, modules.alias and modules.symbols in the kernel's modules directory, from
-    `busybox depmod -n` (its dry run prints the three in turn; ~5 s once per kernel). Each
-    file is renamed into place, modules.dep last: boots at the same time never read half a
-    file, and a missing modules.dep means "write again"."""
+    """modules.dep, modules.alias and modules.symbols in the kernel's own modules directory."""
+    write_module_index_to(kernel.modules_dir, kernel, busybox)
+
+
+def write_module_index_to(directory: Path, kernel: Kernel, busybox: Path) -> None:
+    """The kernel's modules.dep, modules.alias and modules.symbols written into `directory`,
+    from `busybox depmod -n` (its dry run prints the three in turn; ~4 s once per kernel), which
+    only reads the kernel's tree: the guest image's copy gets them without the kernel's own
+    directory being written. Each file is renamed into place, modules.dep last: boots at the
+    same time never read half a file, and a missing modules.dep means "write again"."""
     root = kernel.modules_dir.parents[2]  # <root>/lib/modules/<release>
     out = subprocess.run(
         [str(busybox), "depmod", "-n", "-b", str(root), kernel.release],
@@ -88,21 +95,23 @@ def write_module_index(kernel: Kernel, busybox: Path) -> None:
         else:
             files["modules.dep"].append(line)
     for name in reversed(INDEX_FILES):
-        fd, temporary = tempfile.mkstemp(dir=kernel.modules_dir, prefix=f".{name}.")
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
         with os.fdopen(fd, "w") as f:
             f.writelines(files[name])
         os.chmod(temporary, 0o644)
-        os.rename(temporary, kernel.modules_dir / name)
+        os.rename(temporary, directory / name)
 
 
 def find_kernel(root: Path) -> Kernel:
-    """The newest kernel unpacked under `root` (<repo>/var/kernel); FileNotFoundError if none."""
+    """The newest kernel unpacked under `root`; FileNotFoundError if none."""
     for vmlinuz in sorted((root / "boot").glob("vmlinuz-*"), reverse=True):
         release = vmlinuz.name.removeprefix("vmlinuz-")
         modules_dir = root / "lib" / "modules" / release
         if modules_dir.is_dir():
             return Kernel(vmlinuz, modules_dir)
-    raise FileNotFoundError(f"no kernel unpacked under {root}; run scripts/fetch-kernel")
+    from shim.vm.assets import SETUP_COMMAND  # imports this module
+
+    raise FileNotFoundError(f"no kernel unpacked under {root}; run {SETUP_COMMAND}")
 
 
 def module_name(file_name: str) -> str:
