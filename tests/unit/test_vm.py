@@ -180,8 +180,8 @@ def test_modules_come_in_load_order_without_builtins(tmp_path: Path) -> None:
         kernel.modules_in_load_order(["missing"])
 
 
-def test_find_kernel_names_the_fetch_script(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="scripts/fetch-kernel"):
+def test_find_kernel_names_the_setup_command(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="run pyshim assets"):
         find_kernel(tmp_path)
 
 
