@@ -6,7 +6,9 @@ CRI ``ConfigPath``), its ``[vm]`` table over the defaults; the spec's limits add
     memory_mb = 512        # before the spec's memory limit is added
     kernel_args = []       # appended to the kernel command line
     accel = "auto"         # kvm | tcg | auto (probe once, cached)
-    kernel_dir = ""        # where scripts/fetch-kernel unpacked the kernel; "" = <repo>/var/kernel
+    assets_dir = "/var/lib/pyshim/vm"  # the kernel, guest images and templates (pyshim assets)
+    kernel_dir = ""        # an unpacked kernel (scripts/fetch-kernel's); "" = <assets_dir>/kernel
+    templates = true       # start VMs from saved templates
     busybox = "/bin/busybox"
     boot_timeout = 120.0   # seconds until the guest agent answers
 """
@@ -22,6 +24,7 @@ from typing import Any
 
 from shim.runtimes.options import read_toml_config
 from shim.ttrpc.errors import Code, TtrpcError
+from shim.vm.assets import VmAssets
 
 CONFIG_TYPE_URL = "io.containerd.pykata.v1.options"
 REPO = Path(__file__).resolve().parents[2]  # the guest runs this package from the host's copy
@@ -34,7 +37,9 @@ class KataConfig:
     memory_mb: int = 512
     kernel_args: tuple[str, ...] = ()
     accel: str = "auto"
-    kernel_dir: str = str(REPO / "var" / "kernel")
+    assets_dir: str = str(VmAssets.DEFAULT_ROOT)
+    kernel_dir: str = ""
+    templates: bool = True
     busybox: str = "/bin/busybox"
     boot_timeout: float = 120.0
 
@@ -51,9 +56,14 @@ class KataConfig:
             if key not in known or (key == "accel" and value not in ("auto", "kvm", "tcg")):
                 raise TtrpcError(Code.INVALID_ARGUMENT, f"pykata config: bad [vm] {key}={value!r}")
             values[key] = tuple(value) if key == "kernel_args" else value
-        if values.get("kernel_dir") == "":
-            del values["kernel_dir"]
         return cls(**values)
+
+    def assets(self) -> VmAssets:
+        return VmAssets(Path(self.assets_dir))
+
+    def kernel_root(self) -> Path:
+        """Where the kernel is unpacked: kernel_dir (a checkout's var/kernel), else the assets'."""
+        return Path(self.kernel_dir) if self.kernel_dir else self.assets().kernel_dir
 
 
 @dataclass(frozen=True)
