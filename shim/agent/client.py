@@ -83,6 +83,9 @@ class AgentClient:
     async def check(self, timeout: float | None = None) -> api.CheckResponse:
         return await self._call("Check", api.CheckRequest(), api.CheckResponse, timeout)
 
+    async def setup_guest(self, request: api.SetupGuestRequest) -> None:
+        await self._call("SetupGuest", request, Empty)
+
     async def create_container(
         self, container_id: str, spec: dict[str, Any], rootfs: str, stdio: api.Stdio
     ) -> int:

@@ -24,6 +24,7 @@ _NLM_F_ACK = 0x04
 _NLM_F_REPLACE = 0x100
 _NLM_F_CREATE = 0x400
 _IFF_UP = 0x1
+_IFLA_ADDRESS = 1
 _IFLA_MTU = 4
 _IFA_ADDRESS = 1
 _IFA_LOCAL = 2
@@ -91,6 +92,11 @@ class Netlink:
             body += _u32(_IFLA_MTU, mtu)
         self._request(_RTM_NEWLINK, 0, body)
 
+    def set_link_address(self, index: int, mac: str) -> None:
+        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0)
+        body += _attribute(_IFLA_ADDRESS, bytes.fromhex(mac.replace(":", "")))
+        self._request(_RTM_NEWLINK, 0, body)
+
     def add_address(self, index: int, cidr: str) -> None:
         interface = ipaddress.ip_interface(cidr)
         family = socket.AF_INET if interface.version == 4 else socket.AF_INET6
@@ -117,6 +123,16 @@ class Netlink:
             body += _attribute(_RTA_PREFSRC, ipaddress.ip_address(source).packed)
         body += _u32(_RTA_OIF, index)
         self._request(_RTM_NEWROUTE, _NLM_F_CREATE | _NLM_F_REPLACE, body)
+
+
+def virtio_nic(sys_class_net: str = "/sys/class/net") -> tuple[str, int] | None:
+    """The (name, index) of the VM's one virtio-net NIC, if it has one."""
+    for name in sorted(os.listdir(sys_class_net)):
+        driver = os.path.realpath(f"{sys_class_net}/{name}/device/driver")
+        if os.path.basename(driver) == "virtio_net":
+            with open(f"{sys_class_net}/{name}/ifindex") as f:
+                return name, int(f.read())
+    return None
 
 
 def link_by_mac(mac: str, sys_class_net: str = "/sys/class/net") -> tuple[str, int]:

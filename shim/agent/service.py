@@ -113,6 +113,12 @@ class AgentService:
     async def Check(self, request: api.CheckRequest, ctx: CallContext) -> Any:
         return api.CheckResponse(instance=self._instance)
 
+    async def SetupGuest(self, request: api.SetupGuestRequest, ctx: CallContext) -> Any:
+        from shim.agent.guest import setup_guest
+
+        setup_guest(request)
+        return Empty()
+
     async def CreateContainer(self, request: api.CreateContainerRequest, ctx: CallContext) -> Any:
         container_id = request.container_id
         check_id("container id", container_id)

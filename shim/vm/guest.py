@@ -1,11 +1,13 @@
-"""The init script of a guest whose root is a tmpfs with host directories shared into it by 9p.
+"""The init script of a guest whose root is a tmpfs, with its /usr from a read-only image (the
+VM backend) or host directories shared into it by 9p (scripts/vm-test).
 
 Stage 1 runs from the initramfs: it loads the modules, builds the new root and switch_roots
 into it, because the initramfs root cannot be pivot_root'ed away from (runc's containers need
 that). Stage 2 runs as PID 1 on the new root: cgroup2 with every controller enabled for
 children, then the workload; the guest powers off when it ends.
 
-Kernel modules beyond the boot's: with a `modules_tree` (where a share shows the kernel's
+Kernel modules beyond the boot's: an image holds the kernel's module tree and its index, where
+the kernel's default helper (/sbin/modprobe, busybox's) finds them. With a `modules_tree` (where a share shows the kernel's
 lib/modules in the guest), the kernel's own module requests (a bridge ioctl, `ip link add type
 veth`, opening /dev/net/tun, an overlay mount, an nf_tables socket) run busybox's modprobe in a
 chroot where that tree is bound at /lib/modules: the guest's /lib is the host's /usr/lib
@@ -49,6 +51,8 @@ class GuestSetup:
     # The guest path of the kernel's lib/modules (with busybox's modules.dep), on a share, for
     # on-demand loads.
     modules_tree: str | None = None
+    # A read-only erofs block device that becomes the guest's /usr (shim.vm.image), if any.
+    usr_device: str | None = None
 
 
 def init_script(setup: GuestSetup) -> str:
@@ -68,6 +72,9 @@ def init_script(setup: GuestSetup) -> str:
     for path in setup.tmpfs:
         target = q("/newroot" + path)
         lines.append(f"  mkdir -p {target} && mount -t tmpfs tmpfs {target}")
+    if setup.usr_device:
+        device = q(setup.usr_device)
+        lines.append(f"  mkdir -p /newroot/usr && mount -t erofs -o ro {device} /newroot/usr")
     for mount in setup.mounts:
         options = f"{NINEP_OPTIONS},{'ro,' + READONLY_CACHE if mount.readonly else 'rw'}"
         target = q("/newroot" + mount.path)

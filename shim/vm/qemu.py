@@ -40,11 +40,22 @@ class SerialPort:
 
 @dataclass(frozen=True)
 class Nic:
-    """A virtio-net NIC on a tap device QEMU gets open, as fd `fd` (its fd number in QEMU)."""
+    """A virtio-net NIC on a tap device QEMU gets open, as fd `fd` (its fd number in QEMU), or
+    with fd None on a hub port of its own (a NIC that carries nothing: a VM's device set stays
+    the same with or without a network, as a template's clones need)."""
 
-    fd: int
+    fd: int | None
     mac: str
-    mtu: int  # told to the guest's driver (VIRTIO_NET_F_MTU)
+    mtu: int = 0  # told to the guest's driver (VIRTIO_NET_F_MTU); 0: not told
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Guest RAM in a file: shared (the guest's writes reach the file: a template being made)
+    or private (the file's pages mapped copy-on-write: a template's clone)."""
+
+    path: Path
+    shared: bool
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,10 @@ class VmConfig:
     serial_ports: Sequence[SerialPort] = ()
     tcg_cache_mb: int = 0  # TCG's translation cache; 0: QEMU's default, 1 GiB (mapped lazily)
     nics: Sequence[Nic] = ()
+    disks: Sequence[Path] = ()  # read-only raw images, virtio-blk: the guest's vda, vdb...
+    memory: Memory | None = None  # None: anonymous RAM
+    qmp_socket: Path | None = None  # QEMU's control socket (it listens)
+    incoming: bool = False  # wait for the state to restore, given later by QMP
 
 
 def command_line(config: VmConfig, binary: str = QEMU_BINARY) -> list[str]:
@@ -70,15 +85,22 @@ def command_line(config: VmConfig, binary: str = QEMU_BINARY) -> list[str]:
     else:
         cache = f",tb-size={config.tcg_cache_mb}" if config.tcg_cache_mb else ""
         argv += ["-accel", f"tcg,thread=multi{cache}", "-cpu", "max"]
-    argv += ["-machine", "q35", "-m", f"{config.memory_mb}M", "-smp", str(config.vcpus)]
+    machine = "q35"
+    if config.memory is not None:
+        sharing = "on" if config.memory.shared else "off"
+        backend = f"memory-backend-file,id=ram0,size={config.memory_mb}M,share={sharing}"
+        argv += ["-object", f"{backend},mem-path={config.memory.path}"]
+        machine += ",memory-backend=ram0"
+    argv += ["-machine", machine, "-m", f"{config.memory_mb}M", "-smp", str(config.vcpus)]
     argv += ["-kernel", str(config.kernel), "-initrd", str(config.initrd)]
     argv += ["-append", config.append]
     for index, nic in enumerate(config.nics):
         netdev = f"net{index}"
-        argv += ["-netdev", f"tap,id={netdev},fd={nic.fd}"]
+        backend = f"hubport,hubid={index}" if nic.fd is None else f"tap,fd={nic.fd}"
+        argv += ["-netdev", f"{backend},id={netdev}"]
         # romfile=: no PXE option ROM (a direct kernel boot never runs it; QEMU needs no file).
-        device = f"virtio-net-pci,netdev={netdev},mac={nic.mac},host_mtu={nic.mtu},romfile="
-        argv += ["-device", device]
+        device = f"virtio-net-pci,netdev={netdev},mac={nic.mac},romfile="
+        argv += ["-device", device + (f",host_mtu={nic.mtu}" if nic.mtu else "")]
     if not config.nics:
         argv += ["-nic", "none"]
     argv += ["-serial", f"file:{config.console_log}", "-monitor", "none"]
@@ -88,12 +110,19 @@ def command_line(config: VmConfig, binary: str = QEMU_BINARY) -> list[str]:
         options = f"local,id={fsdev},path={share.host_path},security_model=none,multidevs=remap"
         argv += ["-fsdev", options + (",readonly=on" if share.readonly else "")]
         argv += ["-device", f"virtio-9p-pci,fsdev={fsdev},mount_tag={share.tag}"]
+    for index, disk in enumerate(config.disks):
+        drive = f"file={disk},if=none,id=disk{index},format=raw,readonly=on"
+        argv += ["-drive", drive, "-device", f"virtio-blk-pci,drive=disk{index}"]
     if config.serial_ports:
         argv += ["-device", "virtio-serial-pci"]
     for index, port in enumerate(config.serial_ports):
         chardev = f"port{index}"
         argv += ["-chardev", f"socket,id={chardev},path={port.socket},server=on,wait=off"]
         argv += ["-device", f"virtserialport,chardev={chardev},name={port.name}"]
+    if config.qmp_socket is not None:
+        argv += ["-qmp", f"unix:{config.qmp_socket},server=on,wait=off"]
+    if config.incoming:
+        argv += ["-incoming", "defer"]
     return argv
 
 

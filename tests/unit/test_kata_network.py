@@ -69,9 +69,19 @@ def test_command_line_has_a_virtio_nic_on_the_tap_fd(tmp_path: Path) -> None:
     )
     argv = command_line(config)
     assert "-nic" not in argv
-    assert argv[argv.index("-netdev") + 1] == "tap,id=net0,fd=3"
+    assert argv[argv.index("-netdev") + 1] == "tap,fd=3,id=net0"
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
-    assert "virtio-net-pci,netdev=net0,mac=aa:bb:cc:00:11:22,host_mtu=1450,romfile=" in devices
+    assert "virtio-net-pci,netdev=net0,mac=aa:bb:cc:00:11:22,romfile=,host_mtu=1450" in devices
+
+
+def test_a_nic_without_a_tap_is_on_a_hub_of_its_own(tmp_path: Path) -> None:
+    config = VmConfig(
+        tmp_path / "k", tmp_path / "i", "", tmp_path / "c", nics=[Nic(None, "02:00:00:00:00:01")]
+    )
+    argv = command_line(config)
+    assert argv[argv.index("-netdev") + 1] == "hubport,hubid=0,id=net0"
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert "virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01,romfile=" in devices
 
 
 def test_the_sandbox_stays_in_the_guests_netns_and_the_others_join_it() -> None:

@@ -3,6 +3,7 @@ dependencies read from ELF .modinfo, and the accelerator choice's cache and sett
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import stat
@@ -15,7 +16,7 @@ from shim.vm import accel
 from shim.vm.guest import GuestMount, GuestSetup, init_script
 from shim.vm.initramfs import Entry, initramfs, newc_archive
 from shim.vm.kernel import Kernel, find_kernel, has_module_index, modinfo, write_module_index
-from shim.vm.qemu import SerialPort, Share, VmConfig, command_line
+from shim.vm.qemu import Memory, SerialPort, Share, VmConfig, command_line
 
 
 def parse_newc(archive: bytes) -> list[tuple[str, int, bytes, tuple[int, int]]]:
@@ -119,6 +120,35 @@ def test_command_line_for_tcg_with_shares_and_a_serial_port(tmp_path: Path) -> N
     assert "virtio-9p-pci,fsdev=fsdev1,mount_tag=out" in devices
     assert "virtserialport,chardev=port0,name=agent.0" in devices
     assert "socket,id=port0,path=/run/agent.sock,server=on,wait=off" in argv
+
+
+def test_command_line_of_a_template_and_of_its_clone() -> None:
+    """A template's RAM is a shared file (what the guest writes reaches it); a clone maps that
+    file privately and waits for the state that QMP names."""
+    template = VmConfig(
+        Path("k"),
+        Path("i"),
+        "",
+        Path("c"),
+        memory_mb=256,
+        disks=[Path("/assets/guest.erofs")],
+        memory=Memory(Path("/t/memory"), shared=True),
+        qmp_socket=Path("/run/qmp.sock"),
+    )
+    argv = command_line(template)
+    pairs = dict(itertools.pairwise(argv))
+    assert pairs["-object"] == ("memory-backend-file,id=ram0,size=256M,share=on,mem-path=/t/memory")
+    assert pairs["-machine"] == "q35,memory-backend=ram0"
+    assert pairs["-drive"] == "file=/assets/guest.erofs,if=none,id=disk0,format=raw,readonly=on"
+    assert "virtio-blk-pci,drive=disk0" in argv
+    assert pairs["-qmp"] == "unix:/run/qmp.sock,server=on,wait=off"
+    assert "-incoming" not in argv
+    clone = dataclasses.replace(
+        template, memory=Memory(Path("/t/memory"), shared=False), incoming=True
+    )
+    argv = command_line(clone)
+    assert "share=off" in dict(itertools.pairwise(argv))["-object"]
+    assert argv[argv.index("-incoming") + 1] == "defer"
 
 
 def test_command_line_caps_the_tcg_translation_cache_when_asked() -> None:

@@ -15,6 +15,26 @@ class CheckRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SetupGuestRequest(_message.Message):
+    __slots__ = ("random_seed", "machine_id", "hostname", "time", "shared_tag", "shared_path", "debug", "nic_mac")
+    RANDOM_SEED_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    SHARED_TAG_FIELD_NUMBER: _ClassVar[int]
+    SHARED_PATH_FIELD_NUMBER: _ClassVar[int]
+    DEBUG_FIELD_NUMBER: _ClassVar[int]
+    NIC_MAC_FIELD_NUMBER: _ClassVar[int]
+    random_seed: bytes
+    machine_id: str
+    hostname: str
+    time: _timestamp_pb2.Timestamp
+    shared_tag: str
+    shared_path: str
+    debug: bool
+    nic_mac: str
+    def __init__(self, random_seed: _Optional[bytes] = ..., machine_id: _Optional[str] = ..., hostname: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., shared_tag: _Optional[str] = ..., shared_path: _Optional[str] = ..., debug: bool = ..., nic_mac: _Optional[str] = ...) -> None: ...
+
 class CheckResponse(_message.Message):
     __slots__ = ("instance",)
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
