@@ -259,6 +259,7 @@ class Finder(modulefinder.ModuleFinder):
         return super().import_module(partname, fqname, parent)
 finder = Finder(path=path, excludes=sorted(excluded))
 finder.run_script(entry)
+finder.import_hook("encodings", None, ["*"])  # codecs are looked up by name at run time
 for name, module in finder.modules.items():
     if kept(name) and module.__file__:
         found.setdefault(name, [module.__file__, module.__path__ is not None])
@@ -289,7 +290,13 @@ def _closure(python: Path, cache_dir: Path) -> dict[str, Any]:
             path.append(entry)
     imports = ["shim.agent.__main__", *EXTRA_IMPORTS]
     imports += sorted(f"shim.agent.{p.stem}" for p in agent_dir.glob("*.py") if p.stem[0] != "_")
-    request = {"python": str(python), "path": path, "imports": imports, "excluded": list(EXCLUDED)}
+    request = {
+        "python": str(python),
+        "path": path,
+        "imports": imports,
+        "excluded": list(EXCLUDED),
+        "script": hashlib.sha256(_CLOSURE_SCRIPT.encode()).hexdigest(),
+    }
     cache = cache_dir / CLOSURE_CACHE
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         cached = json.loads(cache.read_text())
@@ -338,8 +345,8 @@ def _stamp(paths: Iterable[str | Path]) -> list[list[Any]]:
 
 
 def _module_files(closure: Mapping[str, Any]) -> dict[str, Path]:
-    """Image path -> source of each module in the closure, the encodings package whole (codecs
-    looked up by name at run time) and os.py (the prefix landmark)."""
+    """Image path -> source of each module in the closure (with the whole encodings package),
+    and os.py, CPython's prefix landmark, whether or not the closure has it."""
     stdlib, dynload = Path(closure["stdlib"]), Path(closure["dynload"])
     files: dict[str, Path] = {}
     for name, file, is_package in closure["modules"]:
@@ -351,8 +358,7 @@ def _module_files(closure: Mapping[str, Any]) -> dict[str, Path]:
         else:  # third-party and ours: laid out by module name under the PYTHONPATH root
             parts = name.split(".") if is_package else name.split(".")[:-1]
             files["/".join([PYTHONPATH, *parts, source.name])] = source
-    for source in [stdlib / "os.py", *sorted((stdlib / "encodings").glob("*.py"))]:
-        files[f"{STDLIB}/{source.relative_to(stdlib)}"] = source
+    files[f"{STDLIB}/os.py"] = stdlib / "os.py"
     return files
 
 
