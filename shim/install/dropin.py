@@ -1,4 +1,5 @@
-"""The text of the files the installer writes: the containerd drop-in and a starter runsc.toml.
+"""The text of the files the installer writes: the containerd drop-in, a starter runsc.toml,
+and a pykata.toml naming the VM assets' directory.
 
 Pure functions only; the standard library reads TOML (tomllib) but cannot write it, so this
 module writes the little TOML it needs.
@@ -15,8 +16,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from shim.kata.config import CONFIG_TYPE_URL as PYKATA_CONFIG_TYPE
 from shim.runtimes.registry import runtime_type
-from shim.runtimes.runsc import CONFIG_TYPE_URL
+from shim.runtimes.runsc import CONFIG_TYPE_URL as PYRUNSC_CONFIG_TYPE
 
 MARKER = "# Written by pyshim install"  # the first line of every drop-in we own
 
@@ -67,6 +69,19 @@ def runsc_toml(oci_seccomp: bool = True, runsc: str = "runsc") -> str:
 
 RUNSC_TOML = runsc_toml()
 
+
+_PYKATA_TOML_HEAD = """\
+# pykata.toml for pyshim's pykata handler, written by pyshim install and then yours to edit:
+# pyshim never rewrites or removes it. [vm] takes the keys listed in shim/kata/config.py;
+# assets_dir is where `pyshim assets` put the VM's kernel and images (pass it the same
+# --assets-dir).
+"""
+
+
+def pykata_toml(assets_dir: Path) -> str:
+    return _PYKATA_TOML_HEAD + f"[vm]\nassets_dir = {toml_string(str(assets_dir))}\n"
+
+
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPES = {
     '"': '\\"',
@@ -83,22 +98,26 @@ def is_ours(text: str) -> bool:
     return text.startswith(MARKER)
 
 
-def handler_table(name: str, runsc_config: Path) -> dict[str, Any]:
-    """The CRI runtime handler for one backend."""
+CONFIG_TYPES = {"pyrunsc": PYRUNSC_CONFIG_TYPE, "pykata": PYKATA_CONFIG_TYPE}
+
+
+def handler_table(name: str, config_files: Mapping[str, Path]) -> dict[str, Any]:
+    """The CRI runtime handler for one backend, with its config file if it has one."""
     table: dict[str, Any] = {"runtime_type": runtime_type(name)}
-    if name == "pyrunsc":
+    if name in config_files:
         # CRI sends these as runtimeoptions.v1.Options; the shim reads the file at ConfigPath.
-        table["options"] = {"TypeUrl": CONFIG_TYPE_URL, "ConfigPath": str(runsc_config)}
+        table["options"] = {"TypeUrl": CONFIG_TYPES[name], "ConfigPath": str(config_files[name])}
     return table
 
 
 def render_dropin(
     backends: Sequence[str],
     config_version: int,
-    runsc_config: Path,
+    config_files: Mapping[str, Path],
     cri_base: Mapping[str, Any] | None = None,
 ) -> str:
-    """The drop-in registering one CRI handler per backend, in config ``version = 2`` or 3.
+    """The drop-in registering one CRI handler per backend, in config ``version = 2`` or 3;
+    ``config_files`` maps a backend to the TOML file its handler names (pyrunsc, pykata).
 
     ``cri_base``, for containerd 1.x only, is the main config's whole CRI section: 1.x lets a
     file's plugin section replace the previous files' one whole, so the drop-in must repeat it
@@ -109,7 +128,7 @@ def render_dropin(
     if cri_base is not None and not runtimes:
         runtimes["runc"] = dict(DEFAULT_RUNC)
     for name in backends:
-        runtimes[name] = handler_table(name, runsc_config)
+        runtimes[name] = handler_table(name, config_files)
     lines = [
         f"{MARKER}; pyshim uninstall removes it. Edits are lost on the next install.",
         "# CRI runtime handlers for the pyshim shims (a RuntimeClass's handler is the table name).",

@@ -1,5 +1,4 @@
-"""What install and uninstall do to the node: every step is planned (and every refusal raised)
-before the first change, then carried out or, for --dry-run, only printed."""
+"""What install and uninstall do to the node, as a plan of steps (shim.install.steps)."""
 
 from __future__ import annotations
 
@@ -7,16 +6,21 @@ import difflib
 import os
 import sysconfig
 import textwrap
-from collections.abc import Callable
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from shim.install import dropin, files, mainconfig
 from shim.install.containerd import containerd_version, drop_in_version, find_containerd
 from shim.install.errors import InstallError
 from shim.install.runsc import runsc_flags
+from shim.install.steps import Plan, Step
+from shim.install.vmassets import plan_assets, plan_removal
+from shim.kata.config import KataConfig
 from shim.runtimes.registry import builtin_runtime_names
+from shim.ttrpc.errors import TtrpcError
+from shim.vm.assets import VmAssets
 
 DROP_IN_NAME = "pyshim.toml"
 RESTART = "systemctl restart containerd"
@@ -28,8 +32,12 @@ class Settings:
     drop_in_dir: Path
     bin_dir: Path
     runsc_config: Path
+    pykata_config: Path
+    assets_dir: Path
     containerd: str | None = None  # None: the one on PATH
     add_import: bool = False
+    vm_assets: bool = True  # install: fetch and build the VM's assets
+    purge_vm_assets: bool = False  # uninstall: remove them
     scripts_dir: Path = field(default_factory=lambda: Path(sysconfig.get_path("scripts")))
     backends: tuple[str, ...] = field(default_factory=builtin_runtime_names)
 
@@ -47,23 +55,6 @@ class Settings:
         return [(self.bin_dir / name, self.scripts_dir / name) for name in names]
 
 
-@dataclass(frozen=True)
-class Step:
-    """A change (``run`` set), or a note that something is as wanted or left alone."""
-
-    todo: str  # "create symlink ..." or, without run, the note
-    done: str = ""
-    run: Callable[[], None] | None = None
-    writes: tuple[Path, ...] = ()  # what run creates, replaces or removes
-    content: str = ""  # shown by --dry-run
-
-
-@dataclass
-class Plan:
-    steps: list[Step]
-    closing: str  # what the administrator does next when something changed
-
-
 def plan_install(settings: Settings) -> Plan:
     binary = find_containerd(settings.containerd)
     major, minor = containerd_version(binary)
@@ -76,15 +67,23 @@ def plan_install(settings: Settings) -> Plan:
     if major == 2 and version == 2:
         steps.append(Step(f"note: {settings.config} is config version 2, so the drop-in is too"))
     steps += [_link(link, script) for link, script in settings.links()]
+    config_files = {"pyrunsc": settings.runsc_config}
     if "pyrunsc" in settings.backends:
         steps += _runsc_config(settings.runsc_config)
+    if "pykata" in settings.backends:
+        pykata_steps = _pykata_config(settings.pykata_config, settings.assets_dir)
+        if pykata_steps:  # the file is there, or will be
+            config_files["pykata"] = settings.pykata_config
+        steps += pykata_steps
     cri_base = None
     if major == 1:  # 1.x replaces a plugin's section whole per file (containerd issue #5837)
         _refuse_other_cri_files(settings, mainconfig.imports_of(doc, settings.config))
         cri_base = _table(doc, "plugins", dropin.CRI_PLUGIN_V2, where=settings.config)
-    text = dropin.render_dropin(settings.backends, version, settings.runsc_config, cri_base)
+    text = dropin.render_dropin(settings.backends, version, config_files, cri_base)
     steps.append(_write_drop_in(settings.drop_in, text))
     steps.append(_import(settings, config, version))
+    if "pykata" in settings.backends and settings.vm_assets:
+        steps += plan_assets(VmAssets(settings.assets_dir))
     return Plan(steps, f"restart containerd {major}.{minor} to load the handlers: {RESTART}")
 
 
@@ -103,36 +102,13 @@ def plan_uninstall(settings: Settings) -> Plan:
             steps.append(Step(f"left in place: {link} (not a symlink to {script})"))
         else:
             steps.append(Step(f"unchanged: no {link}"))
-    if settings.runsc_config.exists():
-        steps.append(Step(f"left in place: {settings.runsc_config} (it may hold your settings)"))
+    for config_file in (settings.runsc_config, settings.pykata_config):
+        if config_file.exists():
+            steps.append(Step(f"left in place: {config_file} (it may hold your settings)"))
     if _imports_drop_in(settings):
         steps.append(Step(f"left in place: the imports entry in {settings.config}"))
+    steps += plan_removal(VmAssets(settings.assets_dir), settings.purge_vm_assets)
     return Plan(steps, f"restart containerd to unload the handlers: {RESTART}")
-
-
-def carry_out(plan: Plan, out: TextIO, dry_run: bool) -> None:
-    changes = [step for step in plan.steps if step.run is not None]
-    if not dry_run:
-        for path in (path for step in changes for path in step.writes):
-            files.check_writable(path)
-    for step in plan.steps:
-        if step.run is None:
-            print(step.todo, file=out)
-        elif dry_run:
-            print(f"would {step.todo}", file=out)
-            print(textwrap.indent(step.content, "    ", lambda _: True), end="", file=out)
-        else:
-            try:
-                step.run()
-            except OSError as exc:
-                raise InstallError(f"could not {step.todo}: {exc}") from exc
-            print(step.done, file=out)
-    if dry_run:
-        print("dry run: nothing changed", file=out)
-    elif changes:
-        print(plan.closing, file=out)
-    else:
-        print("nothing changed", file=out)
 
 
 def _link(link: Path, script: Path) -> Step:
@@ -170,6 +146,25 @@ def _runsc_config(path: Path) -> list[Step]:
         return [_write(path, dropin.runsc_toml())]
     note = "note: runsc has no --oci-seccomp: gVisor pods' seccomp profiles are not enforced"
     return [_write(path, dropin.runsc_toml(oci_seccomp=False)), Step(note)]
+
+
+def _pykata_config(path: Path, assets_dir: Path) -> list[Step]:
+    """pykata.toml, for assets where pykata does not look by default. An existing one is only
+    read, as pykata reads it: its assets directory must be the install's."""
+    if path.exists():
+        try:
+            configured = KataConfig.from_table(tomllib.loads(files.read_text(path)).get("vm", {}))
+        except (tomllib.TOMLDecodeError, TtrpcError) as exc:
+            raise InstallError(f"{path}: {exc}") from exc
+        if configured.assets().root != assets_dir:
+            raise InstallError(
+                f"{path} has pykata look for its assets in {configured.assets_dir}, not in "
+                f"{assets_dir}: edit it, or run again with --assets-dir={configured.assets_dir}"
+            )
+        return [Step(f"unchanged: {path} exists (left as it is)")]
+    if assets_dir == VmAssets.DEFAULT_ROOT:
+        return []
+    return [_write(path, dropin.pykata_toml(assets_dir))]
 
 
 def _write_drop_in(path: Path, text: str) -> Step:

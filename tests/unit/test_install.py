@@ -14,7 +14,13 @@ import pytest
 from shim.install import main, plan
 from shim.install.dropin import MARKER, RUNSC_TOML, render_dropin, runsc_toml
 from shim.install.mainconfig import add_import, import_matches
+from shim.install.vmassets import plan_assets
+from shim.kata import pvh
 from shim.runtimes.registry import builtin_runtime_names
+from shim.vm import assets, image
+from shim.vm.assets import VmAssets
+from shim.vm.image import GuestImage
+from shim.vm.kernel import Kernel
 
 CONTAINERD_16 = "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+b1"
 CONTAINERD_21 = "containerd github.com/containerd/containerd/v2 2.1.9+unknown "
@@ -44,6 +50,8 @@ class Node:
         self.drop_in = self.drop_in_dir / "pyshim.toml"
         self.bin_dir = root / "bin"
         self.runsc_config = root / "etc" / "runsc.toml"
+        self.pykata_config = root / "etc" / "pykata.toml"
+        self.assets_dir = root / "vm"
         self.containerd = root / "containerd"
         self.containerd.write_text(f"#!/bin/sh\necho '{version_line}'\n")
         self.containerd.chmod(0o755)
@@ -58,6 +66,8 @@ class Node:
             f"--drop-in-dir={self.drop_in_dir}",
             f"--bin-dir={self.bin_dir}",
             f"--runsc-config={self.runsc_config}",
+            f"--pykata-config={self.pykata_config}",
+            f"--assets-dir={self.assets_dir}",
         ]
 
     def run(self, command: str, *extra: str) -> int:
@@ -77,6 +87,50 @@ class Node:
 @pytest.fixture(autouse=True)
 def as_root(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
+
+
+class FakeVm:
+    """apt and the image builder faked: the kernel package `release` is "fetched" as two
+    files, and the image's key is `key` (change it to make the image stale)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.release = "6.1.0-9-amd64"
+        self.key = "k1"
+        self.calls: list[str] = []
+        monkeypatch.setattr(assets, "kernel_package", lambda: f"linux-image-{self.release}")
+        monkeypatch.setattr(assets, "fetch_kernel", self.fetch_kernel)
+        monkeypatch.setattr(pvh, "write", self.write_elf)
+        monkeypatch.setattr(image, "image_key", lambda kernel, **_: self.key)
+        monkeypatch.setattr(image, "build_image", self.build_image)
+        monkeypatch.setattr(image, "current_image", lambda _: self.current)
+        self.current: GuestImage | None = None
+
+    def fetch_kernel(self, dest: Path) -> Kernel:
+        self.calls.append("fetch")
+        kernel = assets.unpacked_kernel(dest, f"linux-image-{self.release}")
+        kernel.modules_dir.mkdir(parents=True)
+        (kernel.modules_dir / "modules.order").write_text("")
+        kernel.vmlinuz.parent.mkdir()
+        kernel.vmlinuz.write_text("vmlinuz")
+        return kernel
+
+    def write_elf(self, kernel: Kernel) -> int:
+        self.calls.append("pvh")
+        kernel.vmlinuz.with_name(f"vmlinux-{kernel.release}").write_text("elf")
+        return 0
+
+    def build_image(self, images_dir: Path, kernel: Kernel) -> GuestImage:
+        self.calls.append("build")
+        built = GuestImage(images_dir / f"guest-{self.key}.erofs", self.key, kernel.release)
+        images_dir.mkdir(exist_ok=True)
+        built.path.write_text("")
+        self.current = built
+        return built
+
+
+@pytest.fixture(autouse=True)
+def vm(monkeypatch: pytest.MonkeyPatch) -> FakeVm:
+    return FakeVm(monkeypatch)
 
 
 @pytest.fixture
@@ -106,7 +160,7 @@ def test_builtin_backends() -> None:
     ],
 )
 def test_drop_in_text(version: int, plugin: str, header: str) -> None:
-    text = render_dropin(builtin_runtime_names(), version, Path("/etc/r.toml"))
+    text = render_dropin(builtin_runtime_names(), version, {"pyrunsc": Path("/etc/r.toml")})
     assert text.startswith(MARKER)
     assert f"\nversion = {version}\n" in text
     assert header in text.splitlines()
@@ -133,7 +187,7 @@ def test_drop_in_for_containerd_1_repeats_the_cri_section() -> None:
         "cni": {"bin_dir": "/usr/lib/cni"},
         "empty": {},
     }
-    parsed = tomllib.loads(render_dropin(["pyrunc"], 2, Path("/r.toml"), base))
+    parsed = tomllib.loads(render_dropin(["pyrunc"], 2, {}, base))
     cri = parsed["plugins"][CRI_V2]
     assert cri.pop("containerd") == {
         "runtimes": {
@@ -423,3 +477,146 @@ def test_runsc_flags_are_read_from_runsc_flags(
     monkeypatch.setenv("PATH", str(tmp_path))
     assert runsc_flags() == {"network", "oci-seccomp"}
     assert runsc_flags("no-such-runsc") is None
+
+
+def test_vm_assets_are_fetched_and_built_once(
+    tmp_path: Path, vm: FakeVm, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "vm"
+    assert main(["assets", f"--assets-dir={root}"]) == 0
+    kernel_dir, release = root / "kernel", vm.release
+    assert capsys.readouterr().out.splitlines() == [
+        f"fetched kernel {release} in {kernel_dir}",
+        f"wrote the kernel's uncompressed PVH image {kernel_dir}/boot/vmlinux-{release}",
+        f"built guest image k1 in {root}/images",
+        f"the VM's assets are ready in {root}",
+    ]
+    assert vm.calls == ["fetch", "pvh", "build"]
+
+    assert main(["assets", f"--assets-dir={root}"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"unchanged: kernel {release} in {kernel_dir}",
+        f"unchanged: the kernel's PVH image {kernel_dir}/boot/vmlinux-{release}",
+        "unchanged: guest image k1 up to date",
+        "nothing changed",
+    ]
+    assert vm.calls == ["fetch", "pvh", "build"]
+
+
+def test_a_changed_image_key_rebuilds_and_removes_the_stale_image(
+    tmp_path: Path, vm: FakeVm, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "vm"
+    assert main(["assets", f"--assets-dir={root}"]) == 0
+    vm.key = "k2"  # a new runc, interpreter, package version ...
+    steps = plan_assets(VmAssets(root))
+    assert steps[-1].todo == f"build guest image k2 in {root}/images"
+    capsys.readouterr()
+    assert main(["assets", f"--assets-dir={root}"]) == 0
+    out = capsys.readouterr().out
+    assert f"built guest image k2 in {root}/images, removed 1 stale" in out
+    assert sorted(p.name for p in (root / "images").iterdir()) == ["guest-k2.erofs"]
+
+
+def test_a_new_kernel_package_is_fetched(tmp_path: Path, vm: FakeVm) -> None:
+    root = tmp_path / "vm"
+    assert main(["assets", f"--assets-dir={root}"]) == 0
+    vm.release = "6.1.0-10-amd64"
+    todos = [step.todo for step in plan_assets(VmAssets(root))]
+    assert todos[0].startswith(f"fetch kernel 6.1.0-10-amd64 in {root}/kernel (apt-get download")
+    assert todos[2] == "build the guest image for kernel 6.1.0-10-amd64"  # its key needs it
+
+
+def test_vm_assets_dry_run_changes_nothing(
+    tmp_path: Path, vm: FakeVm, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # no root needed
+    root = tmp_path / "vm"
+    assert main(["assets", "--dry-run", f"--assets-dir={root}"]) == 0
+    out = capsys.readouterr().out
+    assert not root.exists() and vm.calls == []
+    assert "would fetch kernel" in out and out.endswith("dry run: nothing changed\n")
+    assert main(["assets", f"--assets-dir={root}"]) == 1
+    assert "run it as root (--dry-run shows what it would do)" in capsys.readouterr().err
+
+
+def test_vm_asset_errors_are_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_kernel() -> str:
+        raise assets.AssetError("apt-cache knows no linux-image-amd64 (run apt-get update)")
+
+    monkeypatch.setattr(assets, "kernel_package", no_kernel)
+    assert main(["assets", f"--assets-dir={tmp_path}"]) == 1
+    assert capsys.readouterr().err == (
+        "pyshim assets: could not find the VM's kernel: apt-cache knows no linux-image-amd64"
+        " (run apt-get update)\n"
+    )
+
+
+def test_install_sets_up_the_vm_assets_unless_told_not_to(node: Node, vm: FakeVm) -> None:
+    imported(node)
+    assert node.run("install", "--no-vm-assets") == 0
+    assert vm.calls == [] and not node.assets_dir.exists()
+    assert node.run("install") == 0
+    assert vm.calls == ["fetch", "pvh", "build"]
+
+
+def test_assets_elsewhere_get_a_pykata_toml_named_by_the_handler(node: Node) -> None:
+    imported(node)
+    assert node.run("install") == 0
+    assert tomllib.loads(node.pykata_config.read_text()) == {
+        "vm": {"assets_dir": str(node.assets_dir)}
+    }
+    assert runtimes(node.drop_in.read_text(), CRI_V2)["pykata"] == {
+        "runtime_type": "io.containerd.pykata.v1",
+        "options": {
+            "TypeUrl": "io.containerd.pykata.v1.options",
+            "ConfigPath": str(node.pykata_config),
+        },
+    }
+
+
+def test_assets_in_the_default_place_need_no_pykata_toml(node: Node) -> None:
+    imported(node)
+    default = f"--assets-dir={VmAssets.DEFAULT_ROOT}"
+    assert main([*node.args("install"), default, "--no-vm-assets"]) == 0
+    assert not node.pykata_config.exists()
+    pykata = runtimes(node.drop_in.read_text(), CRI_V2)["pykata"]
+    assert pykata == {"runtime_type": "io.containerd.pykata.v1"}
+
+
+def test_an_existing_pykata_toml_is_kept_and_must_agree(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    imported(node)
+    node.pykata_config.write_text(f'[vm]\nvcpus = 2\nassets_dir = "{node.assets_dir}"\n')
+    assert node.run("install") == 0
+    assert f"unchanged: {node.pykata_config} exists (left as it is)" in capsys.readouterr().out
+    assert "vcpus = 2" in node.pykata_config.read_text()
+
+    node.pykata_config.write_text("[vm]\nvcpus = 2\n")  # the default assets_dir
+    before = node.snapshot()
+    assert node.run("install") == 1
+    assert f"has pykata look for its assets in {VmAssets.DEFAULT_ROOT}, not in " in (
+        capsys.readouterr().err
+    )
+    assert node.snapshot() == before
+
+
+def test_uninstall_leaves_the_vm_assets_unless_purged(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    imported(node)
+    assert node.run("install") == 0
+    (node.assets_dir / "templates").mkdir()
+    assert node.run("uninstall") == 0
+    out = capsys.readouterr().out
+    assert f"left in place: the VM assets in {node.assets_dir} (--purge-vm-assets" in out
+    assert f"left in place: {node.pykata_config} (it may hold your settings)" in out
+    assert (node.assets_dir / "kernel").is_dir()
+
+    (node.assets_dir / "mine").write_text("not pyshim's")
+    assert node.run("uninstall", "--purge-vm-assets") == 0
+    assert f"removed the VM assets in {node.assets_dir}" in capsys.readouterr().out
+    assert [p.name for p in node.assets_dir.iterdir()] == ["mine"]
