@@ -1,7 +1,7 @@
 """Where a VM keeps its files on the host, and the cleanup that needs nothing but them.
 
-One directory per VM under /run/pyshim/kata: QEMU's pid, the agent's socket, the initrd, the
-logs, the guest's /etc and the shared directory (one subdirectory per container: its rootfs
+One directory per VM under /run/pyshim/kata: QEMU's pid, the agent's and QEMU's sockets, the
+initrd of a cold boot, the logs and the shared directory (one subdirectory per container: its rootfs
 and its bind mounts, bound from the host). Each container's bundle names its VM's directory,
 so `delete` after a killed shim finds QEMU, the mounts and the sockets from the bundle alone.
 """
@@ -40,10 +40,6 @@ class VmPaths:
     @property
     def shared(self) -> Path:
         return self.root / "shared"
-
-    @property
-    def guest_etc(self) -> Path:
-        return self.root / "etc"
 
     @property
     def agent_socket(self) -> Path:

@@ -1,10 +1,9 @@
 """One QEMU virtual machine with our guest agent, as the shim daemon runs it.
 
-The guest boots the Debian kernel with an initramfs of busybox, the 9p and virtio-serial
-modules and an init script (shim.vm); it mounts the host's /usr and this package's checkout
-read-only and the VM's shared directory read-write by 9p, and runs ``python -m shim.agent`` on a
-virtio-serial port whose host end is a unix socket QEMU listens on. QEMU is a child of the
-daemon, started through shim.sys.spawn so the one reaper learns its exit.
+shim.kata.boot starts QEMU (restored from a template, or booted cold); here the VM gets the
+pod's network and what makes it itself (SetupGuest), and the containers' files are shared with
+it. QEMU is a child of the daemon, started through shim.sys.spawn so the one reaper learns its
+exit.
 """
 
 from __future__ import annotations
@@ -14,55 +13,46 @@ import contextlib
 import hashlib
 import logging
 import os
-import shlex
-import signal
-import subprocess
-import sys
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from shim.agent.client import AgentClient
+from shim.api.agent.v1 import agent_pb2 as api
 from shim.kata import pvh
-from shim.kata.config import REPO, KataConfig, VmSize
+from shim.kata.boot import (
+    SHARED_TAG,
+    TAP_FD,
+    Machine,
+    Qemu,
+    RunFiles,
+    guest_initrd,
+    make_template,
+    restore,
+)
+from shim.kata.config import KataConfig, VmSize
 from shim.kata.guestspec import SHARED_IN_GUEST, Submount
 from shim.kata.state import BASE_DIR, VmPaths, remove_vm_dir, unshare_container
 from shim.runtimes.base import ShimContext
 from shim.sys.mount import MountSpec, mount_rootfs, mount_table
 from shim.sys.reaper import Exit
-from shim.sys.spawn import fork_call, spawn
+from shim.sys.spawn import fork_call
 from shim.ttrpc.errors import Code, TtrpcError
 from shim.vm.accel import choose_accel
-from shim.vm.guest import GuestMount, GuestSetup, init_script
-from shim.vm.initramfs import initramfs
-from shim.vm.kernel import Kernel, find_kernel, has_module_index, write_module_index
-from shim.vm.qemu import Accel, Nic, SerialPort, Share, VmConfig, command_line, kernel_append
+from shim.vm.assets import SETUP_COMMAND
+from shim.vm.image import GuestImage, current_image
+from shim.vm.kernel import Kernel, find_kernel
+from shim.vm.qemu import Accel, Memory, Nic, kernel_append
+from shim.vm.templates import Template, TemplateStore
 
 if TYPE_CHECKING:
     from shim.kata.network import Plumbed
 
 log = logging.getLogger(__name__)
-
-AGENT_PORT = "agent.channel.0"
-SHARED_TAG = "pyshimShared"
-# 9p over virtio-pci, the agent's port, entropy for Python's start.
-MODULES = ("virtio_pci", "9pnet_virtio", "9p", "virtio_console", "virtio_rng")
-NIC_MODULES = ("virtio_net",)  # with net_failover and failover, its dependencies
-# Every other module of the kernel is loaded on demand by the guest kernel's modprobe helper
-# (shim.vm.guest): bridge, veth, tun, overlay, nf_tables... for privileged containers, as on a
-# host. The kernel's lib/modules is read where a share already shows it (the checkout's
-# var/kernel): a share of its own is one more virtio-9p device to probe at each boot (under
-# TCG, boot to the workload 4.4 s against 3.9 s, means of 5 boots; bound from the checkout's
-# share, 3.5 s against 3.6 s: the same).
-MODULES_TAG = "modules"  # that share, for a kernel_dir outside the shared directories
-MODULES_IN_GUEST = "/.vm/kernel-modules"
-TAP_FD = 3  # the tap's fd in QEMU
-GUEST_ETC_FILES = ("ld.so.cache",)  # all the guest's programs need of the host's /etc
-_TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
-# A boot fills ~84 MB of QEMU's default cache; capped at 32 MB it is retranslated, no slower
-# (boot to agent 8.4-8.6 s either way), and QEMU's PSS is 60 MB less.
-TCG_CACHE_MB = 32
 
 
 class VmGone(TtrpcError):
@@ -76,19 +66,25 @@ class Vm:
         self.paths = paths
         self.config = config
         self.accel: Accel = "tcg"
-        self.pid = 0
         self.netns = ""  # the pod's netns whose network the VM has ("": none)
-        self.exited: asyncio.Future[Exit] | None = None
+        self.qemu: Qemu | None = None
         self._agent: AgentClient | None = None
         self._oom_reporters: dict[str, Callable[[], None]] = {}
         self._oom_seen = 0
         self._oom_progress = asyncio.Condition()
         self._oom_task: asyncio.Task[None] | None = None
-        self._modules_dir: Path | None = None  # the kernel's lib/modules, if it has its index
+
+    @property
+    def pid(self) -> int:
+        return self.qemu.pid if self.qemu else 0
+
+    @property
+    def exited(self) -> asyncio.Future[Exit] | None:
+        return self.qemu.exited if self.qemu else None
 
     @property
     def agent(self) -> AgentClient:
-        if self._agent is None or self.exited is None or self.exited.done():
+        if self._agent is None or self.qemu is None or self.qemu.exited.done():
             raise VmGone()
         return self._agent
 
@@ -97,10 +93,7 @@ class Vm:
         With `netns`, the VM gets that netns's network (a NIC if it has an interface)."""
         loop = asyncio.get_running_loop()
         began = loop.time()
-        try:
-            kernel = find_kernel(Path(self.config.kernel_dir))
-        except FileNotFoundError as exc:
-            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
+        kernel, image = self._assets()
         self.accel = await self._choose_accel(kernel)
         tap_fd = -1
         try:  # whatever fails from here on, QEMU, the tap and the VM's directory go
@@ -111,58 +104,140 @@ class Vm:
             self.paths.staging.mkdir(exist_ok=True)
             plumbed = await self._plumb(netns) if netns else None
             interface = plumbed.network.interface if plumbed else None
-            tap_fd = plumbed.tap_fd if plumbed else -1
-            image = await self._boot_image(kernel)  # first: it says if modules can be shared
-            self._write_guest_files(kernel, nic=interface is not None)
-            nics = [Nic(TAP_FD, interface.mac, interface.mtu)] if interface else []
-            vm_config = VmConfig(
-                kernel=image,
-                initrd=self.paths.initrd,
+            tap_fd = plumbed.tap_fd if plumbed and interface else -1
+            machine = Machine(
+                kernel=_boot_image(kernel),
+                initrd=guest_initrd(kernel, Path(self.config.busybox)),
+                image=image.path,
+                image_key=image.key,
                 append=kernel_append(*self.config.kernel_args),
-                console_log=self.paths.console_log,
+                size=size,
                 accel=self.accel,
-                memory_mb=size.memory_mb,
-                vcpus=size.vcpus,
-                shares=self._shares(),
-                serial_ports=[SerialPort(AGENT_PORT, self.paths.agent_socket)],
-                tcg_cache_mb=TCG_CACHE_MB,
-                nics=nics,
             )
-            log_fd = os.open(self.paths.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            fds = {1: log_fd, 2: log_fd, **({TAP_FD: tap_fd} if nics else {})}
-            try:
-                self.pid, self.exited = spawn(
-                    self._context.reaper, command_line(vm_config), fds=fds
-                )
-            finally:
-                os.close(log_fd)
-                if tap_fd >= 0:  # QEMU's now: the tap goes when QEMU does
-                    tap_fd, closing = -1, tap_fd
-                    os.close(closing)
-            self.paths.pid_file.write_text(str(self.pid))
-            started = loop.time()
+            mac = interface.mac if interface else _random_mac()
+            nic = Nic(TAP_FD if tap_fd >= 0 else None, mac)
+            files = RunFiles(self.paths.root, self.paths.shared)
+            prepared = loop.time()
+            how = "restored"
+            agent = await self._start_clone(machine, files, nic, tap_fd)
+            if agent is None:
+                how = "booted"
+                agent = await self._start_cold(machine, files, nic, tap_fd)
+            self._agent = agent
+            await agent.setup_guest(self._guest_identity(mac))
             log.info(
-                "VM %s: QEMU %d on %s, %s, %.2f s to prepare",
+                "VM %s: QEMU %d on %s, %s, %s: %.2f s to prepare, %.2f s to the agent",
                 self.paths.root.name,
-                self.pid,
+                self.qemu.pid if self.qemu else 0,
                 self.accel,
                 size,
-                started - began,
-            )
-            self._agent = await self._connect()
-            log.info(
-                "VM %s: the agent answered %.2f s after QEMU started",
-                self.paths.root.name,
-                loop.time() - started,
+                how,
+                prepared - began,
+                loop.time() - prepared,
             )
             if plumbed is not None and interface is not None:
                 await self._configure_nic(plumbed)
         except BaseException:
-            if tap_fd >= 0:
-                os.close(tap_fd)
             await self.destroy()
             raise
+        finally:
+            if tap_fd >= 0:  # QEMU has its own: the tap goes when QEMU does
+                os.close(tap_fd)
         self._oom_task = loop.create_task(self._watch_oom())
+
+    def _assets(self) -> tuple[Kernel, GuestImage]:
+        """The kernel and the guest image, or an error that names the command making them."""
+        try:
+            kernel = find_kernel(self.config.kernel_root())
+        except FileNotFoundError as exc:
+            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
+        images = self.config.assets().images_dir
+        image = current_image(images)
+        if image is None:
+            raise TtrpcError(
+                Code.FAILED_PRECONDITION, f"no guest image in {images}: run `{SETUP_COMMAND}`"
+            )
+        if image.release != kernel.release:
+            raise TtrpcError(
+                Code.FAILED_PRECONDITION,
+                f"the guest image {image.key} holds the modules of {image.release}, the kernel"
+                f" is {kernel.release}: run `{SETUP_COMMAND}`",
+            )
+        return kernel, image
+
+    async def _start_clone(
+        self, machine: Machine, files: RunFiles, nic: Nic, tap_fd: int
+    ) -> AgentClient | None:
+        """The agent of a VM restored from the machine's template (made first if need be), or
+        None where there is none or it failed: the caller boots cold."""
+        if not self.config.templates:
+            return None
+        store = TemplateStore(self.config.assets().templates_dir)
+        template: Template | None = store.get(machine.template_key())
+        try:
+            if template is None:
+                template = await make_template(
+                    store,
+                    machine,
+                    self._context.reaper,
+                    self.paths.root / "template",
+                    self.config.boot_timeout,
+                )
+                if template is None:
+                    return None
+            config = machine.config(
+                files,
+                template.directory / "initrd",
+                nic,
+                memory=Memory(template.memory, shared=False),
+                incoming=True,
+            )
+            self._start_qemu(Qemu.start(self._context.reaper, config, files, tap_fd))
+            assert self.qemu is not None
+            await restore(self.qemu, template)
+            return await self.qemu.agent(self.config.boot_timeout)
+        except TtrpcError as exc:
+            log.warning(
+                "VM %s: template %s: %s; booting cold",
+                self.paths.root.name,
+                template.key if template else machine.template_key(),
+                exc.message,
+            )
+            await self._stop_qemu()
+            return None
+
+    async def _start_cold(
+        self, machine: Machine, files: RunFiles, nic: Nic, tap_fd: int
+    ) -> AgentClient:
+        self.paths.initrd.write_bytes(machine.initrd)
+        config = machine.config(files, self.paths.initrd, nic)
+        self._start_qemu(Qemu.start(self._context.reaper, config, files, tap_fd))
+        assert self.qemu is not None
+        return await self.qemu.agent(self.config.boot_timeout)
+
+    def _start_qemu(self, qemu: Qemu) -> None:
+        self.qemu = qemu
+        self.paths.pid_file.write_text(str(qemu.pid))
+
+    async def _stop_qemu(self) -> None:
+        if self.qemu is not None:
+            await self.qemu.kill()
+            self.qemu = None
+        self.paths.pid_file.unlink(missing_ok=True)
+
+    def _guest_identity(self, mac: str) -> api.SetupGuestRequest:
+        now = Timestamp()
+        now.GetCurrentTime()
+        return api.SetupGuestRequest(
+            random_seed=secrets.token_bytes(64),
+            machine_id=secrets.token_hex(16),
+            hostname=f"pykata-{self.paths.root.name}",
+            time=now,
+            shared_tag=SHARED_TAG,
+            shared_path=SHARED_IN_GUEST,
+            debug=self._context.debug,
+            nic_mac=mac,
+        )
 
     async def _plumb(self, netns: str) -> Plumbed:
         """The netns's network, and a tap joined to its interface (recorded first, so that
@@ -215,94 +290,6 @@ class Vm:
             fds={},
         )
         return "kvm" if (await probed).status == 0 else "tcg"
-
-    async def _boot_image(self, kernel: Kernel) -> Path:
-        """The uncompressed kernel, else the vmlinuz. A child writes what the guest reads from
-        the host and may lack: that kernel the first time (~1 s of XZ), and the bytecode of
-        this checkout's modules (the guest cannot write it; compiling there costs seconds)."""
-        busybox = Path(self.config.busybox)
-        _, prepared = fork_call(
-            self._context.reaper, lambda: _prepare_host(kernel, busybox), fds={2: 2}
-        )
-        await prepared
-        if has_module_index(kernel):
-            self._modules_dir = kernel.modules_dir.parent
-        else:
-            log.warning("no modules.dep for %s: the guest loads no modules", kernel.modules_dir)
-        image = pvh.written(kernel)
-        if image is None:
-            log.warning("booting the compressed %s: ~4 s slower under TCG", kernel.vmlinuz)
-            return kernel.vmlinuz
-        return image
-
-    def _write_guest_files(self, kernel: Kernel, *, nic: bool) -> None:
-        self.paths.guest_etc.mkdir(exist_ok=True)
-        for name in GUEST_ETC_FILES:
-            with contextlib.suppress(FileNotFoundError):
-                (self.paths.guest_etc / name).write_bytes(Path("/etc", name).read_bytes())
-        modules = kernel.modules_in_load_order(MODULES + (NIC_MODULES if nic else ()))
-        image = initramfs(
-            Path(self.config.busybox).read_bytes(),
-            [(m.name, m.read_bytes()) for m in modules],
-            init_script(self._guest_setup([m.name for m in modules])),
-        )
-        self.paths.initrd.write_bytes(image)
-
-    def _shares(self) -> list[Share]:
-        shares = [Share(SHARED_TAG, self.paths.shared, readonly=False)]
-        shares.append(Share("etc", self.paths.guest_etc))
-        shares += [Share(f"host{i}", path) for i, path in enumerate(_host_dirs())]
-        if self._modules_dir is not None and _shown_at(self._modules_dir) is None:
-            shares.append(Share(MODULES_TAG, self._modules_dir))
-        return shares
-
-    def _guest_setup(self, modules: list[str]) -> GuestSetup:
-        mounts = [GuestMount(SHARED_TAG, SHARED_IN_GUEST, readonly=False)]
-        mounts.append(GuestMount("etc", "/etc"))
-        mounts += [GuestMount(f"host{i}", str(path)) for i, path in enumerate(_host_dirs())]
-        modules_tree = None
-        if self._modules_dir is not None:
-            modules_tree = _shown_at(self._modules_dir)
-            if modules_tree is None:
-                mounts.append(GuestMount(MODULES_TAG, MODULES_IN_GUEST))
-                modules_tree = MODULES_IN_GUEST
-        symlinks = [(f"/{n}", os.readlink(f"/{n}")) for n in _TOP_LEVEL if os.path.islink(f"/{n}")]
-        agent = [sys.executable, "-m", "shim.agent", "--device", "$port"]
-        if self._context.debug:
-            agent.append("--debug")
-        find_port = (
-            "for p in /sys/class/virtio-ports/*; do"
-            f' [ "$(cat $p/name)" = {AGENT_PORT} ] && port=/dev/${{p##*/}}; done'
-        )
-        command = f"{find_port}; cd {shlex.quote(str(REPO))} && {' '.join(agent)}"
-        return GuestSetup(
-            modules=modules,
-            mounts=mounts,
-            command=command,
-            modules_tree=modules_tree,
-            symlinks=symlinks,
-            environment=[("PYTHONDONTWRITEBYTECODE", "1")],  # the checkout is read-only
-        )
-
-    async def _connect(self) -> AgentClient:
-        assert self.exited is not None
-        connecting = asyncio.ensure_future(
-            AgentClient.connect(str(self.paths.agent_socket), timeout=self.config.boot_timeout)
-        )
-        racing: list[asyncio.Future[Any]] = [connecting, self.exited]
-        try:
-            done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
-        finally:  # cancelled (the boot abandoned) or QEMU exited: no connect left behind
-            connecting.cancel()
-        if connecting in done:
-            try:
-                return connecting.result()
-            except TimeoutError as exc:
-                raise TtrpcError(Code.DEADLINE_EXCEEDED, f"VM did not boot: {exc}") from exc
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await connecting
-        problem = self.paths.qemu_log.read_text(errors="replace").strip()[-500:]
-        raise TtrpcError(Code.UNKNOWN, f"QEMU exited while booting: {problem}")
 
     # -- containers' files ---------------------------------------------------------------------
 
@@ -375,10 +362,8 @@ class Vm:
     async def destroy(self) -> None:
         """SIGKILL QEMU (the guest holds nothing worth a clean shutdown once its containers are
         removed) and remove the VM's files."""
-        if self.exited is not None and not self.exited.done():
-            os.kill(self.pid, signal.SIGKILL)  # our child until reaped: never a reused pid
-        if self.exited is not None:
-            await self.exited
+        if self.qemu is not None:
+            await self.qemu.kill()
         if self._oom_task is not None:
             self._oom_task.cancel()
         if self._agent is not None:
@@ -394,18 +379,20 @@ class Vm:
             await asyncio.to_thread(unplumb_recorded, self.paths.network_record)
 
 
-def _prepare_host(kernel: Kernel, busybox: Path) -> int:
-    import compileall
+def _boot_image(kernel: Kernel) -> Path:
+    """The uncompressed kernel `pyshim assets` wrote, else the vmlinuz."""
+    image = pvh.written(kernel)
+    if image is None:
+        log.warning("booting the compressed %s: ~4 s slower under TCG", kernel.vmlinuz)
+        return kernel.vmlinuz
+    return image
 
-    compileall.compile_dir(REPO / "shim", quiet=2)  # only what is stale: ~20 ms
-    if not has_module_index(kernel):
-        try:
-            write_module_index(kernel, busybox)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            print(f"cannot write {kernel.modules_dir}/modules.dep: {exc}", file=sys.stderr)
-    if pvh.written(kernel) is None:
-        pvh.write(kernel)
-    return 0
+
+def _random_mac() -> str:
+    """Locally administered, unicast: the NIC of a VM without a pod network."""
+    octets = bytearray(secrets.token_bytes(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{octet:02x}" for octet in octets)
 
 
 def accel_cache(kernel: Kernel) -> Path:
@@ -414,24 +401,6 @@ def accel_cache(kernel: Kernel) -> Path:
     and each container's boot would wait out a 20 s KVM probe."""
     digest = hashlib.sha256(os.fsencode(kernel.vmlinuz.resolve())).hexdigest()[:16]
     return BASE_DIR / f"accel-{digest}.json"
-
-
-def _host_dirs() -> list[Path]:
-    """What the guest shares read-only: /usr (Python, runc), the checkout of this package, and
-    the top-level directories of a host whose / is not merged into /usr."""
-    dirs = [Path("/usr"), REPO]
-    return dirs + [
-        Path("/", n) for n in _TOP_LEVEL if not os.path.islink(f"/{n}") and os.path.isdir(f"/{n}")
-    ]
-
-
-def _shown_at(path: Path) -> str | None:
-    """Where a read-only host share shows `path` in the guest (at its own path), if one does."""
-    resolved = path.resolve()
-    for shared in _host_dirs():
-        if resolved.is_relative_to(shared.resolve()):
-            return str(shared / resolved.relative_to(shared.resolve()))
-    return None
 
 
 def _bind(source: str, target: Path, *, recursive: bool = True) -> None:

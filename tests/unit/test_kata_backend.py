@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from shim.agent.client import AgentClient
+from shim.kata.boot import Qemu, RunFiles
 from shim.kata.config import KataConfig, VmSize
 from shim.kata.relay import ProcessRelay
 from shim.kata.state import VmPaths
@@ -48,9 +49,9 @@ def test_connect_cancelled_cancels_the_connect(
     monkeypatch.setattr(AgentClient, "connect", classmethod(connect))
 
     async def scenario() -> None:
-        vm = Vm(None, VmPaths(tmp_path), KataConfig())  # type: ignore[arg-type]
-        vm.exited = asyncio.get_running_loop().create_future()
-        booting = asyncio.ensure_future(vm._connect())
+        exited = asyncio.get_running_loop().create_future()
+        qemu = Qemu(42, exited, RunFiles(tmp_path, tmp_path / "shared"))
+        booting = asyncio.ensure_future(qemu.agent(timeout=60))
         await asyncio.sleep(0.01)
         booting.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -198,24 +199,29 @@ def test_a_failed_create_closes_the_relay(tmp_path: Path, monkeypatch: pytest.Mo
 def test_a_boot_failing_before_qemu_removes_the_vm_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def fail(self: Vm, kernel: Any, **flags: Any) -> None:
+    def fail(kernel: Any, busybox: Path) -> bytes:
         raise OSError("no busybox")
 
     async def tcg(self: Vm, kernel: Any) -> str:
         return "tcg"
 
-    async def image(self: Vm, kernel: Any) -> Path:
-        return tmp_path / "vmlinux"
-
+    image = SimpleNamespace(path=tmp_path / "guest.erofs", key="k", release="r")
     monkeypatch.setattr("shim.kata.vm.BASE_DIR", tmp_path)
-    monkeypatch.setattr("shim.kata.vm.find_kernel", lambda directory: object())
+    monkeypatch.setattr(Vm, "_assets", lambda self: (object(), image))
     monkeypatch.setattr(Vm, "_choose_accel", tcg)
-    monkeypatch.setattr(Vm, "_boot_image", image)
-    monkeypatch.setattr(Vm, "_write_guest_files", fail)
+    monkeypatch.setattr("shim.kata.vm._boot_image", lambda kernel: tmp_path / "vmlinux")
+    monkeypatch.setattr("shim.kata.vm.guest_initrd", fail)
     vm = Vm(None, VmPaths(tmp_path / "vm"), KataConfig())  # type: ignore[arg-type]
     with pytest.raises(OSError, match="no busybox"):
         run(vm.boot(VmSize(1, 512)))
     assert not (tmp_path / "vm").exists()
+
+
+def test_missing_assets_name_the_command_that_makes_them(tmp_path: Path) -> None:
+    vm = Vm(None, VmPaths(tmp_path / "vm"), KataConfig(assets_dir=str(tmp_path)))  # type: ignore[arg-type]
+    with pytest.raises(TtrpcError, match="pyshim assets") as raised:
+        vm._assets()
+    assert raised.value.code == Code.FAILED_PRECONDITION
 
 
 def test_a_terminal_with_stdin_ends_its_console_with_its_output() -> None:
