@@ -25,12 +25,12 @@ from shim.agent.process import AgentProcess
 from shim.agent.stdio import OutputStream, ProcessStreams
 from shim.api.agent.v1 import agent_pb2 as api
 from shim.api.runc.options_pb2 import Options as RuncOptionsProto
-from shim.runtimes.base import Container, ContainerConfig, Launched
+from shim.runtimes.base import ContainerConfig, Launched
 from shim.runtimes.runc import OPTIONS_URL, RuncRuntime
-from shim.sys.cgroups import Cgroup
 from shim.sys.oom import OomWatcher
+from shim.task.container import ContainerRecord, check_new_container
 from shim.task.process import Status
-from shim.task.requests import check_id, json_object
+from shim.task.requests import json_object
 from shim.ttrpc.errors import Code, TtrpcError
 from shim.ttrpc.server import CallContext
 
@@ -39,22 +39,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_KILL_TIMEOUT = 5.0  # how long close() waits for killed inits to exit
 
 
-class AgentContainer:
-    def __init__(self, id: str, bundle: str, backend: Container, init: AgentProcess) -> None:
-        self.id = id
-        self.bundle = bundle
-        self.backend = backend
-        self.init = init
-        self.execs: dict[str, AgentProcess] = {}
-
-    def process(self, exec_id: str) -> AgentProcess:
-        if not exec_id:
-            return self.init
-        try:
-            return self.execs[exec_id]
-        except KeyError:
-            raise TtrpcError(Code.NOT_FOUND, f"process does not exist {exec_id}") from None
-
+class AgentContainer(ContainerRecord[AgentProcess]):
     def processes(self) -> list[AgentProcess]:
         return [self.init, *self.execs.values()]
 
@@ -99,12 +84,7 @@ class AgentService:
         exit = await launched.exited
         async with process.lock:  # a start in flight sets its state first
             if process.is_init:
-                self._oom.check(container.id)  # an OOM kill is reported before its exit
-                self._oom.remove(container.id)
-                try:
-                    await container.backend.on_init_exit()
-                except Exception:
-                    log.exception("cleanup after the init of %s exited", container.id)
+                await container.init_exited(self._oom)
             process.oom_sequence = self._oom_log.last
             process.set_exited(exit)
 
@@ -121,9 +101,7 @@ class AgentService:
 
     async def CreateContainer(self, request: api.CreateContainerRequest, ctx: CallContext) -> Any:
         container_id = request.container_id
-        check_id("container id", container_id)
-        if container_id in self._containers or container_id in self._busy:
-            raise TtrpcError(Code.ALREADY_EXISTS, f"container {container_id}: already exists")
+        check_new_container(container_id, self._containers, self._busy)
         self._busy.add(container_id)
         try:
             container = await self._create(request)
@@ -177,18 +155,12 @@ class AgentService:
             init.require("start", Status.CREATED)
             await container.backend.start()
             init.status = Status.RUNNING
-        try:
-            self._oom.add(container.id, Cgroup.for_pid(init.pid))
-        except OSError as exc:
-            log.warning("%s: no OOM events: %s", container.id, exc)
+        container.watch_cgroup_oom(self._oom)
         return Empty()
 
     async def ExecProcess(self, request: api.ExecProcessRequest, ctx: CallContext) -> Any:
         container = self._container(request.container_id)
-        check_id("exec id", request.exec_id)
-        if request.exec_id in container.execs:
-            raise TtrpcError(Code.ALREADY_EXISTS, f"id {request.exec_id}: already exists")
-        container.init.require("exec in", Status.CREATED, Status.RUNNING)
+        container.check_new_exec(request.exec_id)
         spec = json_object(request.process, "process")
         spec["terminal"] = request.stdio.terminal
         streams = ProcessStreams(request.exec_id, request.stdio)
@@ -258,10 +230,7 @@ class AgentService:
         return Empty()
 
     async def ResumeContainer(self, request: api.ContainerRequest, ctx: CallContext) -> Any:
-        container = self._container(request.container_id)
-        container.init.require("resume", Status.PAUSED)
-        await container.backend.resume()
-        container.init.status = Status.RUNNING
+        await self._container(request.container_id).resume()
         return Empty()
 
     async def StatsContainer(self, request: api.ContainerRequest, ctx: CallContext) -> Any:
@@ -270,13 +239,12 @@ class AgentService:
 
     async def UpdateContainer(self, request: api.UpdateContainerRequest, ctx: CallContext) -> Any:
         container = self._container(request.container_id)
-        container.init.require("update", Status.CREATED, Status.RUNNING, Status.PAUSED)
-        await container.backend.update(json_object(request.resources, "resources"))
+        await container.update(json_object(request.resources, "resources"))
         return Empty()
 
     async def ListPids(self, request: api.ContainerRequest, ctx: CallContext) -> Any:
         container = self._container(request.container_id)
-        exec_ids = {p.pid: p.exec_id for p in container.execs.values() if not p.exit}
+        exec_ids = container.exec_ids_by_pid()
         return api.ListPidsResponse(
             processes=[
                 api.ProcessPid(pid=pid, exec_id=exec_ids.get(pid, ""))

@@ -35,9 +35,10 @@ from shim.runtimes.base import (
 from shim.sys.mount import MountSpec, mount_rootfs, unmount_all
 from shim.sys.oom import OomWatcher
 from shim.sys.reaper import Exit, Reaper
+from shim.task.container import ContainerRecord, check_new_container
 from shim.task.events import Publisher
 from shim.task.process import NOT_EXITED_SECONDS, STATUS_CODES, Process, Status, StdioRequest
-from shim.task.requests import check_id, json_object
+from shim.task.requests import json_object
 from shim.ttrpc.errors import Code, TtrpcError
 from shim.ttrpc.server import CallContext
 
@@ -60,26 +61,12 @@ def _timestamp(ns: int | None) -> Timestamp:
     return stamp
 
 
-class TaskContainer:
-    """The service's record of one container: backend, init and execs."""
-
+class TaskContainer(ContainerRecord[Process]):
     def __init__(self, id: str, bundle: str, backend: Container, init: Process, rootfs: str):
-        self.id = id
-        self.bundle = bundle
-        self.backend = backend
-        self.init = init
+        super().__init__(id, bundle, backend, init)
         self.rootfs = rootfs  # mounted by us, or "" when the client brought its own rootfs
-        self.execs: dict[str, Process] = {}
         self.exit_published: asyncio.Future[bool] | None = None
         self.kills: set[asyncio.Task[None]] = set()  # Kill calls still signalling
-
-    def process(self, exec_id: str) -> Process:
-        if not exec_id:
-            return self.init
-        try:
-            return self.execs[exec_id]
-        except KeyError:
-            raise TtrpcError(Code.NOT_FOUND, f"process does not exist {exec_id}") from None
 
 
 class TaskService:
@@ -151,7 +138,8 @@ class TaskService:
                 # still in flight there ("ttrpc: closed": StopPodSandbox fails).
                 await asyncio.wait(container.kills, timeout=KILL_REPLY_GRACE)
             if process.is_init:
-                await self._before_init_exit(container)
+                await container.init_exited(self._oom)
+                await self._wait_execs(container)
             if process.io is not None:
                 # Whoever learns of the exit (Wait, the event) may stop reading at once: the
                 # last output must already be in the client's FIFO by then.
@@ -171,15 +159,8 @@ class TaskService:
             if process.is_init:
                 container.exit_published = published
 
-    async def _before_init_exit(self, container: TaskContainer) -> None:
-        try:
-            await container.backend.on_init_exit()
-        except Exception:
-            log.exception("cleanup after the init of %s exited", container.id)
-        # An OOM kill the loop has not noticed yet (v2: memory.events changed, its inotify
-        # event not read) is this exit's cause: TaskOOM goes first, not never.
-        self._oom.check(container.id)
-        self._oom.remove(container.id)
+    @staticmethod
+    async def _wait_execs(container: TaskContainer) -> None:
         # An exec whose start is in flight (runc exec ran, its pid not yet read) may have died
         # with the init: let the start finish so that its exit is waited for below.
         for starting in [p for p in container.execs.values() if p.lock.locked()]:
@@ -216,9 +197,7 @@ class TaskService:
     # -- RPCs ------------------------------------------------------------------------------
 
     async def Create(self, request: api.CreateTaskRequest, ctx: CallContext) -> Any:
-        check_id("container id", request.id)
-        if request.id in self._containers or request.id in self._creating:
-            raise TtrpcError(Code.ALREADY_EXISTS, f"container {request.id}: already exists")
+        check_new_container(request.id, self._containers, self._creating)
         self._creating.add(request.id)
         self._shutdown_asked = False  # the shim has work again: only a later Shutdown counts
         try:
@@ -320,14 +299,8 @@ class TaskService:
             self._publisher.publish(events.TaskStart(container_id=container.id, pid=init.pid))
 
     def _watch_oom(self, container: TaskContainer) -> None:
-        if container.backend.reports_oom(lambda: self._on_oom(container.id)):
-            return
-        from shim.sys.cgroups import Cgroup
-
-        try:
-            self._oom.add(container.id, Cgroup.for_pid(container.init.pid))
-        except OSError as exc:
-            log.warning("%s: no OOM events: %s", container.id, exc)
+        if not container.backend.reports_oom(lambda: self._on_oom(container.id)):
+            container.watch_cgroup_oom(self._oom)
 
     async def _start_exec(self, container: TaskContainer, process: Process) -> None:
         async with process.lock:
@@ -360,10 +333,7 @@ class TaskService:
 
     async def Exec(self, request: api.ExecProcessRequest, ctx: CallContext) -> Any:
         container = self._container(request.id)
-        check_id("exec id", request.exec_id)
-        if request.exec_id in container.execs:
-            raise TtrpcError(Code.ALREADY_EXISTS, f"id {request.exec_id}: already exists")
-        container.init.require("exec in", Status.CREATED, Status.RUNNING)
+        container.check_new_exec(request.exec_id)
         spec = json_object(request.spec.value, "exec process spec")
         spec["terminal"] = request.terminal
         process = Process(
@@ -462,7 +432,7 @@ class TaskService:
             # they reload after a restart and tear down a shim that lists none as leaked,
             # reporting 137 instead of the exit status this shim still holds.
             return api.PidsResponse(processes=[types.ProcessInfo(pid=container.init.pid)])
-        exec_ids = {p.pid: p.exec_id for p in container.execs.values() if p.pid and not p.exit}
+        exec_ids = container.exec_ids_by_pid()
         processes = []
         for pid in await container.backend.pids():
             info = types.ProcessInfo(pid=pid)
@@ -490,10 +460,7 @@ class TaskService:
 
     async def Resume(self, request: api.ResumeRequest, ctx: CallContext) -> Any:
         container = self._container(request.id)
-        init = container.init
-        init.require("resume", Status.PAUSED)
-        await container.backend.resume()
-        init.status = Status.RUNNING
+        await container.resume()
         self._publisher.publish(events.TaskResumed(container_id=container.id))
         return Empty()
 
@@ -513,8 +480,7 @@ class TaskService:
 
     async def Update(self, request: api.UpdateTaskRequest, ctx: CallContext) -> Any:
         container = self._container(request.id)
-        container.init.require("update", Status.CREATED, Status.RUNNING, Status.PAUSED)
-        await container.backend.update(json_object(request.resources.value, "resources"))
+        await container.update(json_object(request.resources.value, "resources"))
         return Empty()
 
     async def Stats(self, request: api.StatsRequest, ctx: CallContext) -> Any:
