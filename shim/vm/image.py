@@ -33,7 +33,6 @@ import errno
 import hashlib
 import json
 import os
-import py_compile
 import shutil
 import subprocess
 import sys
@@ -59,7 +58,6 @@ PYTHON_DIR = f"python{sys.version_info.major}.{sys.version_info.minor}"
 STDLIB = f"lib/{PYTHON_DIR}"
 PYTHONPATH = "lib/pyshim"
 MANIFEST = "share/pyshim/manifest.json"
-_PYC_TAG = sys.implementation.cache_tag
 _PATH_DIRS = ("lib-dynload", "site-packages", "dist-packages")
 
 # What the agent never reaches: debuggers and docs (breakpoint(), help()), tests, GUIs,
@@ -400,9 +398,10 @@ def parse_ldd(output: str, paths: list[Path]) -> dict[Path, list[Path]]:
 
 
 def library_destination(library: Path, python_roots: Iterable[Path] = ()) -> str:
-    """Where a library goes in the image: a wheel's bundled one (found by $ORIGIN) beside its
-    package under the PYTHONPATH root; a system one at its real directory relative to /usr
-    (/lib is usr/lib on a merged /usr), under the name ldd found it by (the soname)."""
+    """Where a library goes in the image, under the name ldd found it by (the soname): a
+    wheel's bundled one (found by $ORIGIN) beside its package under the PYTHONPATH root; a
+    system one at its real directory relative to /usr (/lib is usr/lib on a merged /usr);
+    any other (pyenv's libpython) in lib, which ld.so searches without a cache."""
     directory = Path(os.path.realpath(library.parent))
     for root in python_roots:
         resolved = Path(os.path.realpath(root))
@@ -411,6 +410,8 @@ def library_destination(library: Path, python_roots: Iterable[Path] = ()) -> str
     relative = directory.relative_to("/")
     if relative.parts[:1] == ("usr",):
         relative = relative.relative_to("usr")
+    if relative.parts[:1] not in (("lib",), ("lib64",)):
+        relative = Path("lib")
     return str(relative / library.name)
 
 
@@ -418,21 +419,15 @@ def library_destination(library: Path, python_roots: Iterable[Path] = ()) -> str
 
 
 def _stage(plan: _Plan, key: str, busybox: Path, staging: Path) -> None:
-    for dest, source in plan.files.items():
+    sources = []
+    for dest, source in sorted(plan.files.items()):
         target = staging / dest
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
         os.chmod(target, 0o755 if os.access(source, os.X_OK) else 0o644)
         if dest.endswith(".py"):
-            cache = target.parent / "__pycache__" / f"{target.stem}.{_PYC_TAG}.pyc"
-            py_compile.compile(
-                str(target),
-                cfile=str(cache),
-                dfile=f"/usr/{dest}",  # tracebacks name the guest's path
-                doraise=True,
-                optimize=0,
-                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
-            )
+            sources.append(dest)
+    _compile(plan.files["bin/python3"], staging, sources)
     for dest, link_target in plan.symlinks.items():
         (staging / dest).parent.mkdir(parents=True, exist_ok=True)
         os.symlink(link_target, staging / dest)
@@ -455,6 +450,35 @@ def _stage(plan: _Plan, key: str, busybox: Path, staging: Path) -> None:
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     for directory, _, _ in os.walk(staging):  # mkdtemp's 0700 and umask-made modes
         os.chmod(directory, 0o755)
+
+
+# py_compile by the target interpreter, with a fixed hash seed: marshal writes a frozenset
+# constant in its (string hash) iteration order, so a random seed gives other bytes each build.
+_COMPILE_SCRIPT = """
+import py_compile, sys
+staging, tag = sys.argv[1], sys.implementation.cache_tag
+for dest in sys.stdin.read().split("\\n"):
+    directory, _, name = dest.rpartition("/")
+    py_compile.compile(
+        f"{staging}/{dest}",
+        cfile=f"{staging}/{directory}/__pycache__/{name[:-3]}.{tag}.pyc",
+        dfile=f"/usr/{dest}",  # tracebacks name the guest's path
+        doraise=True,
+        optimize=0,
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+    )
+"""
+
+
+def _compile(python: Path, staging: Path, sources: list[str]) -> None:
+    """An unchecked-hash .pyc beside each of `sources` (paths in the image)."""
+    subprocess.run(
+        [str(python), "-S", "-c", _COMPILE_SCRIPT, str(staging)],
+        input="\n".join(sources),
+        check=True,
+        text=True,
+        env={"PYTHONHASHSEED": "0", "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+    )
 
 
 def _link_tree(source: Path, target: Path, skip: set[str]) -> None:

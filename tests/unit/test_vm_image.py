@@ -68,6 +68,8 @@ def test_library_destination_is_relative_to_usr_or_beside_a_wheels_package(tmp_p
     (site / "cffi.libs").mkdir(parents=True)
     bundled = site / "cffi.libs" / "libffi-abc.so.8"
     assert library_destination(bundled, [site]) == "lib/pyshim/cffi.libs/libffi-abc.so.8"
+    elsewhere = tmp_path / "pyenv" / "lib" / "libpython3.11.so.1.0"
+    assert library_destination(elsewhere, [site]) == "lib/libpython3.11.so.1.0"
     libc = Path("/usr/lib/x86_64-linux-gnu/libc.so.6")
     assert library_destination(libc, [site]) == "lib/x86_64-linux-gnu/libc.so.6"
     if os.path.realpath("/lib") == "/usr/lib":  # a merged /usr: /lib is usr/lib
