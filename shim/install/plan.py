@@ -83,7 +83,10 @@ def plan_install(settings: Settings) -> Plan:
     steps.append(_write_drop_in(settings.drop_in, text))
     steps.append(_import(settings, config, version))
     if "pykata" in settings.backends and settings.vm_assets:
-        steps += plan_assets(VmAssets(settings.assets_dir))
+        try:
+            steps += plan_assets(VmAssets(settings.assets_dir))
+        except InstallError as exc:
+            raise InstallError(f"{exc} (--no-vm-assets leaves them to `pyshim assets`)") from exc
     return Plan(steps, f"restart containerd {major}.{minor} to load the handlers: {RESTART}")
 
 

@@ -46,7 +46,7 @@ def carry_out(plan: Plan, out: TextIO, dry_run: bool) -> None:
                 done = step.run()
             except OSError as exc:
                 raise InstallError(f"could not {step.todo}: {exc}") from exc
-            print(done or step.done, file=out, flush=True)
+            print(done or step.done, file=out, flush=True)  # steps may take a minute each
     if dry_run:
         print("dry run: nothing changed", file=out)
     elif changes:

@@ -540,12 +540,13 @@ def test_vm_assets_dry_run_changes_nothing(
     assert "run it as root (--dry-run shows what it would do)" in capsys.readouterr().err
 
 
+def no_kernel() -> str:
+    raise assets.AssetError("apt-cache knows no linux-image-amd64 (run apt-get update)")
+
+
 def test_vm_asset_errors_are_messages(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def no_kernel() -> str:
-        raise assets.AssetError("apt-cache knows no linux-image-amd64 (run apt-get update)")
-
     monkeypatch.setattr(assets, "kernel_package", no_kernel)
     assert main(["assets", f"--assets-dir={tmp_path}"]) == 1
     assert capsys.readouterr().err == (
@@ -554,9 +555,15 @@ def test_vm_asset_errors_are_messages(
     )
 
 
-def test_install_sets_up_the_vm_assets_unless_told_not_to(node: Node, vm: FakeVm) -> None:
+def test_install_sets_up_the_vm_assets_unless_told_not_to(
+    node: Node, vm: FakeVm, capsys: pytest.CaptureFixture[str]
+) -> None:
     imported(node)
-    assert node.run("install", "--no-vm-assets") == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(assets, "kernel_package", no_kernel)
+        assert node.run("install") == 1
+        assert "(--no-vm-assets leaves them to `pyshim assets`)" in capsys.readouterr().err
+        assert node.run("install", "--no-vm-assets") == 0
     assert vm.calls == [] and not node.assets_dir.exists()
     assert node.run("install") == 0
     assert vm.calls == ["fetch", "pvh", "build"]
