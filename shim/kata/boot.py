@@ -25,6 +25,7 @@ import shlex
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,8 @@ TAP_FD = 3  # the tap's fd in QEMU
 # in the image, loaded on demand by the kernel's /sbin/modprobe. crc32c_generic first: erofs's
 # libcrc32c names it only as a soft dependency, which the load order does not follow.
 BOOT_MODULES = (
-    "virtio_pci", "virtio_blk", "crc32c_generic", "erofs", "9pnet_virtio", "9p", "virtio_console", "virtio_rng",
-    "virtio_net",
+    "virtio_pci", "virtio_blk", "crc32c_generic", "erofs", "9pnet_virtio", "9p",
+    "virtio_console", "virtio_rng", "virtio_net",
 )  # fmt: skip
 USR_LINKS = (
     ("/bin", "usr/bin"),
@@ -257,8 +258,10 @@ async def make_template(
     reaper: Reaper,
     run_directory: Path,
     boot_timeout: float,
+    started: Callable[[int], None],
 ) -> Template | None:
-    """Boot the machine's template and save it, unless another shim is making it (None)."""
+    """Boot the machine's template and save it, unless another shim is making it (None).
+    `started` learns the template QEMU's pid (a `delete` after a killed shim must find it)."""
     key = machine.template_key()
     began = time.monotonic()
     with store.creating(key) as work:
@@ -274,6 +277,7 @@ async def make_template(
             files, initrd, Nic(None, TEMPLATE_MAC), memory=Memory(work / "memory", shared=True)
         )
         qemu = Qemu.start(reaper, config, files)
+        started(qemu.pid)
         try:
             agent = await qemu.agent(boot_timeout)
             await agent.close()

@@ -182,6 +182,7 @@ class Vm:
                     self._context.reaper,
                     self.paths.root / "template",
                     self.config.boot_timeout,
+                    started=lambda pid: self.paths.pid_file.write_text(str(pid)),
                 )
                 if template is None:
                     return None
