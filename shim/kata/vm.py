@@ -182,7 +182,7 @@ class Vm:
                     self._context.reaper,
                     self.paths.root / "template",
                     self.config.boot_timeout,
-                    started=lambda pid: self.paths.pid_file.write_text(str(pid)),
+                    started=self._record_pid,
                 )
                 if template is None:
                     return None
@@ -218,7 +218,10 @@ class Vm:
 
     def _start_qemu(self, qemu: Qemu) -> None:
         self.qemu = qemu
-        self.paths.pid_file.write_text(str(qemu.pid))
+        self._record_pid(qemu.pid)
+
+    def _record_pid(self, pid: int) -> None:
+        self.paths.pid_file.write_text(str(pid))
 
     async def _stop_qemu(self) -> None:
         if self.qemu is not None:
