@@ -16,6 +16,7 @@ from shim.kata import pvh
 from shim.vm import assets, image
 from shim.vm.assets import VmAssets
 from shim.vm.kernel import Kernel
+from shim.vm.templates import TemplateStore
 
 
 def plan_assets(vm: VmAssets) -> list[Step]:
@@ -50,7 +51,13 @@ def _image_step(vm: VmAssets, kernel: Kernel, fetched: bool) -> Step:
     def build() -> str:
         built = image.build_image(vm.images_dir, kernel)
         stale = image.remove_stale_images(vm.images_dir, built)
+        # A template holds a booted guest of one image: of no use with another.
+        store = TemplateStore(vm.templates_dir)
+        outdated = [t.key for t in store.list() if t.info.get("image") != built.key]
+        for key in outdated:
+            store.remove(key)
         removed = f", removed {len(stale)} stale" if stale else ""
+        removed += f", removed {len(outdated)} outdated templates" if outdated else ""
         return f"built guest image {built.key} in {vm.images_dir}{removed}"
 
     if fetched:  # the key hashes the kernel's files
