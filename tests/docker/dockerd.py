@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import (
+    PYKATA_RUNTIME,
     REPO,
     SYSTEM_PATH,
     HarnessError,
@@ -109,6 +110,16 @@ class PrivateDockerd:
                     "options": {
                         "TypeUrl": "io.containerd.runsc.v1.options",
                         "ConfigPath": str(self.runsc_config),
+                    },
+                },
+                # pykata with the harness's pykata config (its VM assets): an entry named after
+                # the runtime type, so that `--runtime io.containerd.pykata.v1` takes it (dockerd
+                # looks a name up among its entries before taking it for a shim's).
+                PYKATA_RUNTIME: {
+                    "runtimeType": PYKATA_RUNTIME,
+                    "options": {
+                        "TypeUrl": "io.containerd.pykata.v1.options",
+                        "ConfigPath": str(self.containerd.pykata_config),
                     },
                 },
             },

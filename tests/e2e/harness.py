@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, NamedTuple
 
 from podnet import CNI_BIN_DIR, PodNetwork
+from product import ASSETS_DIR, PRODUCT_BIN, pykata_toml
 from runsc_netns import netstack_refused_here
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,12 +44,18 @@ IMAGE_TAR = REPO / "var" / "images" / "busybox.tar"
 PAUSE_TAR = REPO / "var" / "images" / "pause.tar"
 CRI_NAMESPACE = "k8s.io"  # the only namespace containerd's CRI plugin uses
 PYRUNC_RUNTIME = "io.containerd.pyrunc.v1"
+PYKATA_RUNTIME = "io.containerd.pykata.v1"
+PYKATA_SHIM = "containerd-shim-pykata-v1"
 GO_RUNTIME = "io.containerd.runc.v2"  # containerd's own Go shim, the reference
 DEFAULT_VERSION = os.environ.get("PYSHIM_CONTAINERD", "1.6")  # the containerd to test against
 # Per test run: runc keeps its state by namespace and id under one root for every containerd,
 # so two runs on one machine must not share a namespace.
 NAMESPACE = f"pyshim-e2e-{os.getpid()}"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# ctr subcommands that create a container, given --runtime-config-path for pykata's config.
+CREATE_SUBCOMMANDS = [("run",)] + [
+    (containers, "create") for containers in ("c", "container", "containers")
+]
 # ctr subcommands that create FIFOs and accept --fifo-dir.
 FIFO_SUBCOMMANDS = [("run",)] + [
     (tasks, action) for tasks in ("t", "task", "tasks") for action in ("start", "exec")
@@ -169,12 +176,15 @@ def cgroup_hierarchies() -> list[Path]:
     return [root] + [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
 
 
-def shim_bin_dir(base: Path) -> Path:
-    """A dir of links to every containerd-shim-py* console script of the venv."""
+def shim_bin_dir(base: Path, pykata_bin: Path = PRODUCT_BIN) -> Path:
+    """A dir of links to every containerd-shim-py* console script of the editable venv, but
+    pykata's, which runs as users install it: from pykata_bin (var/product by default, made by
+    product.product_install(), which vm_support.require_vm runs before any VM)."""
     bin_dir = base / "bin"
     bin_dir.mkdir()
     for script in sorted(VENV_BIN.glob("containerd-shim-py*")):
-        (bin_dir / script.name).symlink_to(script)
+        target = pykata_bin / script.name if script.name == PYKATA_SHIM else script
+        (bin_dir / script.name).symlink_to(target)
     return bin_dir
 
 
@@ -334,6 +344,9 @@ class PrivateContainerd:
     """A containerd with its own config, root, state and sockets under a fresh temp dir.
 
     Use as a context manager (or start()/close()); close() stops everything it started.
+    pykata is the shim of pykata_bin (default: the product install, see shim_bin_dir) with its
+    VM assets in vm_assets, named by the pykata config (pykata_config) that ctr's pykata
+    containers (ctr_command), the CRI handler and dockerd's runtime entry all get.
     """
 
     def __init__(
@@ -343,6 +356,8 @@ class PrivateContainerd:
         namespace: str = NAMESPACE,
         env: Mapping[str, str] | None = None,
         cri: bool = False,
+        pykata_bin: Path = PRODUCT_BIN,
+        vm_assets: Path = ASSETS_DIR,
     ) -> None:
         self.version = version
         self.runtime = runtime
@@ -361,6 +376,9 @@ class PrivateContainerd:
         self.ttrpc_address = self.address + ".ttrpc"
         self.fifo_dir = self.base / "fifo"
         self.log_path = self.base / "containerd.log"
+        self.pykata_bin = pykata_bin
+        self.vm_assets = vm_assets
+        self.pykata_config = self.base / "pykata.toml"
         self.snapshotter = "overlayfs" if overlay_works(self.base / "overlay-probe") else "native"
         # With cri, pods that do not use the host's network get one of their own on this bridge.
         self.pod_network = PodNetwork.for_session(self.base) if cri else None
@@ -384,7 +402,8 @@ class PrivateContainerd:
     def start(self) -> None:
         """Write the config, start containerd, and import the busybox image."""
         self.fifo_dir.mkdir(exist_ok=True)
-        shim_bin_dir(self.base)
+        shim_bin_dir(self.base, self.pykata_bin)
+        self.pykata_config.write_text(pykata_toml(self.vm_assets))
         (self.base / "config.toml").write_text(self._config_toml())
         if self.cri:
             self._install_handlers()
@@ -429,20 +448,17 @@ class PrivateContainerd:
         )
 
     def _install_handlers(self) -> None:
-        """`pyshim install`, as an administrator runs it, on this containerd's private paths."""
+        """`pyshim install`, as an administrator runs it, on this containerd's private paths.
+        Its links go to a dir of their own: containerd runs the shims of shim_bin_dir's (where
+        pykata's is the product's, which install would refuse to replace). The VM's assets are
+        product_install()'s, when a test needs them (--no-vm-assets)."""
         argv = [str(VENV_BIN / "pyshim"), "install", "--containerd", str(self.binaries.containerd)]
-        argv += [
-            "--config",
-            str(self.base / "config.toml"),
-            "--drop-in-dir",
-            str(self.base / "conf.d"),
-        ]
-        argv += [
-            "--bin-dir",
-            str(self.base / "bin"),
-            "--runsc-config",
-            str(self.base / "runsc.toml"),
-        ]
+        argv += ["--config", str(self.base / "config.toml")]
+        argv += ["--drop-in-dir", str(self.base / "conf.d")]
+        argv += ["--bin-dir", str(self.base / "install-bin")]
+        argv += ["--runsc-config", str(self.base / "runsc.toml")]
+        argv += ["--pykata-config", str(self.pykata_config), "--assets-dir", str(self.vm_assets)]
+        argv += ["--no-vm-assets"]
         installed = run(argv, timeout=60, check=False)
         if installed.returncode:
             raise HarnessError(f"pyshim install failed:\n{installed.stdout}{installed.stderr}")
@@ -597,8 +613,13 @@ class PrivateContainerd:
     # -- ctr -------------------------------------------------------------------------------
 
     def ctr_command(self, *args: str) -> list[str]:
-        """argv for ctr against this containerd; FIFOs of run/task start/exec go to fifo_dir."""
+        """argv for ctr against this containerd; FIFOs of run/task start/exec go to fifo_dir, and
+        a pykata container gets this containerd's pykata config unless args name one."""
         args_list = list(args)
+        for subcommand in CREATE_SUBCOMMANDS:
+            n = len(subcommand)
+            if tuple(args_list[:n]) == subcommand and self._is_pykata(args_list[n:]):
+                args_list[n:n] = ["--runtime-config-path", str(self.pykata_config)]
         for subcommand in FIFO_SUBCOMMANDS:
             n = len(subcommand)
             if tuple(args_list[:n]) == subcommand and not {"--log-uri", "--fifo-dir"} & {
@@ -613,6 +634,15 @@ class PrivateContainerd:
             self.namespace,
             *args_list,
         ]
+
+    @staticmethod
+    def _is_pykata(args: list[str]) -> bool:
+        """Whether ctr's create flags choose pykata without naming a runtime config."""
+        flags = [arg.split("=")[0] for arg in args]
+        if "--runtime-config-path" in flags:
+            return False
+        pairs = itertools.pairwise(args)
+        return f"--runtime={PYKATA_RUNTIME}" in args or ("--runtime", PYKATA_RUNTIME) in pairs
 
     @property
     def ctr_env(self) -> dict[str, str]:

@@ -1,27 +1,28 @@
-"""What the VM backend's tests share: the run-time check that a VM can be booted here."""
+"""What the VM backend's tests share: the run-time check that a VM can be booted here, which
+also readies pykata's product install and its VM assets (product.py)."""
 
 from __future__ import annotations
 
 import functools
 import shutil
-import subprocess
 
 import pytest
-from harness import REPO
+from product import AssetsError, product_install
 
 
 @functools.cache
 def vm_unusable_reason() -> str | None:
-    """Why no VM can boot here (no QEMU; no kernel, and scripts/fetch-kernel cannot get one),
-    or None if one can."""
-    if shutil.which("qemu-system-x86_64") is None:
-        return "qemu-system-x86_64 is not installed"
-    if not any((REPO / "var" / "kernel" / "boot").glob("vmlinuz-*")):
-        fetched = subprocess.run(
-            [REPO / "scripts" / "fetch-kernel"], capture_output=True, text=True, timeout=600
-        )
-        if fetched.returncode != 0:
-            return f"no kernel for the VM: {fetched.stderr.strip()[-300:]}"
+    """Why no VM can boot here (no QEMU; no mkfs.erofs for the guest image; the product's
+    `pyshim assets` fails, e.g. with no kernel to fetch), or None if one can. pykata's product
+    install is made or brought up to date first; a checkout that does not install is an error
+    (ProductError), not a reason to skip."""
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("mkfs.erofs", "erofs-utils")):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed ({package})"
+    try:
+        product_install()
+    except AssetsError as error:
+        return f"pykata's VM assets cannot be set up: {error}"
     return None
 
 
