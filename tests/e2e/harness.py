@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO, NamedTuple
 
 from podnet import CNI_BIN_DIR, PodNetwork
-from product import ASSETS_DIR, PRODUCT_BIN, pykata_toml
+from product import ASSETS_DIR, PRODUCT_BIN, ProductError, product_install, pykata_toml
 from runsc_netns import netstack_refused_here
 
 REPO = Path(__file__).resolve().parents[2]
@@ -930,6 +930,8 @@ def demo(runtime: str, version: str) -> int:
     if reason:
         print(f"demo: cannot run containers here: {reason}", file=sys.stderr)
         return 1
+    if runtime == PYKATA_RUNTIME:
+        product_install()  # pykata runs from var/product, on var/vm-assets
     with PrivateContainerd(version=version, runtime=runtime, namespace="pyshim-demo") as ctrd:
         print(f"# private containerd {version} at {ctrd.address} (log: {ctrd.log_path})")
 
@@ -974,6 +976,6 @@ if __name__ == "__main__":
     options = parser.parse_args()
     try:
         sys.exit(demo(options.runtime, options.containerd))
-    except HarnessError as error:
+    except (HarnessError, ProductError) as error:
         print(f"demo: {error}", file=sys.stderr)
         sys.exit(1)
