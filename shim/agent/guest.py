@@ -44,6 +44,8 @@ def setup_guest(request: api.SetupGuestRequest) -> None:
         socket.sethostname(request.hostname)
     if request.nic_mac:
         set_nic_mac(request.nic_mac)
+    else:
+        remove_nic()
     if request.shared_tag and not os.path.ismount(request.shared_path):
         os.makedirs(request.shared_path, exist_ok=True)
         share = MountSpec("9p", request.shared_tag, "", (*NINEP_OPTIONS.split(","), "rw"))
@@ -58,6 +60,15 @@ def set_nic_mac(mac: str) -> None:
         raise TtrpcError(Code.FAILED_PRECONDITION, "the VM has no virtio-net NIC")
     with Netlink() as netlink:
         netlink.set_link_address(nic[1], mac)
+
+
+def remove_nic() -> None:
+    """A VM without a pod network has no NIC, as before templates: its driver lets go of it."""
+    nic = virtio_nic()
+    if nic is not None:
+        device = os.path.basename(os.path.realpath(f"/sys/class/net/{nic[0]}/device"))
+        with open("/sys/bus/virtio/drivers/virtio_net/unbind", "w") as f:
+            f.write(device)
 
 
 def seed_random(seed: bytes) -> None:

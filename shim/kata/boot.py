@@ -81,7 +81,9 @@ AGENT_PATH = "/usr/lib/pyshim"  # the image's PYTHONPATH root
 TCG_CACHE_MB = 32
 SAVE_POLL = 0.05
 QMP_TIMEOUT = 10.0
-TEMPLATE_MAC = "02:00:00:00:00:01"  # the template's NIC; each clone's is set by SetupGuest
+# Every VM has a NIC (a template's clones all need one) with this MAC until SetupGuest gives it
+# the pod's, or takes it away from a VM without a pod network.
+PLACEHOLDER_MAC = "02:00:00:00:00:01"
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,7 @@ async def make_template(
         initrd = work / "initrd"
         initrd.write_bytes(machine.initrd)
         config = machine.config(
-            files, initrd, Nic(None, TEMPLATE_MAC), memory=Memory(work / "memory", shared=True)
+            files, initrd, Nic(None, PLACEHOLDER_MAC), memory=Memory(work / "memory", shared=True)
         )
         qemu = Qemu.start(reaper, config, files)
         started(qemu.pid)

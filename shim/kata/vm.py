@@ -25,6 +25,7 @@ from shim.agent.client import AgentClient
 from shim.api.agent.v1 import agent_pb2 as api
 from shim.kata import pvh
 from shim.kata.boot import (
+    PLACEHOLDER_MAC,
     SHARED_TAG,
     TAP_FD,
     Machine,
@@ -114,8 +115,8 @@ class Vm:
                 size=size,
                 accel=self.accel,
             )
-            mac = interface.mac if interface else _random_mac()
-            nic = Nic(TAP_FD if tap_fd >= 0 else None, mac)
+            mac = interface.mac if interface else ""
+            nic = Nic(TAP_FD, mac) if interface else Nic(None, PLACEHOLDER_MAC)
             files = RunFiles(self.paths.root, self.paths.shared)
             prepared = loop.time()
             how = "restored"
@@ -390,13 +391,6 @@ def _boot_image(kernel: Kernel) -> Path:
         log.warning("booting the compressed %s: ~4 s slower under TCG", kernel.vmlinuz)
         return kernel.vmlinuz
     return image
-
-
-def _random_mac() -> str:
-    """Locally administered, unicast: the NIC of a VM without a pod network."""
-    octets = bytearray(secrets.token_bytes(6))
-    octets[0] = (octets[0] & 0xFC) | 0x02
-    return ":".join(f"{octet:02x}" for octet in octets)
 
 
 def accel_cache(kernel: Kernel) -> Path:
