@@ -33,12 +33,14 @@ def pod_start(cri: CriClient, image: str, handler: str) -> float:
 
 
 @contextmanager
-def pods_with_apps(cri: CriClient, image: str, handler: str, n: int) -> Iterator[None]:
-    """n running pods of APP_CONTAINERS sleeping containers each; removed on exit."""
+def pods_with_apps(
+    cri: CriClient, image: str, handler: str, n: int, apps: int = APP_CONTAINERS
+) -> Iterator[None]:
+    """n running pods of `apps` sleeping containers each; removed on exit."""
     try:
         for _ in range(n):
             pod = cri.run_pod(handler)
-            for _ in range(APP_CONTAINERS):
+            for _ in range(apps):
                 cri.run_container(pod, image, SLEEP)
         yield
     finally:
