@@ -96,7 +96,7 @@ def _serve_template(
     from shim.runtimes.registry import find_runtime, runtime_name_from_binary
 
     importlib.import_module("shim.daemon")  # shim.manager is imported already
-    find_runtime(runtime_name_from_binary(binary))
+    find_runtime(runtime_name_from_binary(binary)).preload()
     gc.collect()
     gc.freeze()  # the collector never touches (and so never un-shares) these objects
 

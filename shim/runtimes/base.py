@@ -156,6 +156,13 @@ class Runtime(ABC):
         init pid, or 0 when it is not known."""
 
     @classmethod
+    def preload(cls) -> None:
+        """Import what this backend's daemons import only later (a heavy library some of its
+        containers need): called in the template, which forks the daemons, so that those pages
+        are imported once and shared by every daemon instead of copied into each."""
+        return None
+
+    @classmethod
     def features(cls, options: Any | None) -> bytes | None:
         """For ``-info``: the OCI runtime features document (JSON, as ``runc features`` prints
         it) under these runtime options (a google.protobuf.Any), or None if not known."""

@@ -111,6 +111,12 @@ class KataRuntime(Runtime):
                 await vm.destroy()
 
     @classmethod
+    def preload(cls) -> None:
+        from shim.kata.network import import_pyroute2
+
+        import_pyroute2()
+
+    @classmethod
     def cleanup(cls, namespace: str, bundle: str, container_id: str) -> int:
         paths = recorded_vm(bundle)
         if paths is not None:

@@ -7,12 +7,13 @@ that). Stage 2 runs as PID 1 on the new root: cgroup2 with every controller enab
 children, then the workload; the guest powers off when it ends.
 
 Kernel modules beyond the boot's: an image holds the kernel's module tree and its index, where
-the kernel's default helper (/sbin/modprobe, busybox's) finds them. With a `modules_tree` (where a share shows the kernel's
-lib/modules in the guest), the kernel's own module requests (a bridge ioctl, `ip link add type
-veth`, opening /dev/net/tun, an overlay mount, an nf_tables socket) run busybox's modprobe in a
-chroot where that tree is bound at /lib/modules: the guest's /lib is the host's /usr/lib
-(read-only; another kernel's modules or none), so /lib/modules/<release> cannot be put there.
-Nothing is loaded until asked for: the boot pays a bind mount and a proc mount.
+the kernel's default helper (/sbin/modprobe, busybox's) finds them. With a `modules_tree`
+(where a share shows the kernel's lib/modules in the guest), the kernel's own module requests
+(a bridge ioctl, `ip link add type veth`, opening /dev/net/tun, an overlay mount, an nf_tables
+socket) run busybox's modprobe in a chroot where that tree is bound at /lib/modules: the
+guest's /lib is the host's /usr/lib (read-only; another kernel's modules or none), so
+/lib/modules/<release> cannot be put there. Nothing is loaded until asked for: the boot pays a
+bind mount and a proc mount.
 """
 
 from __future__ import annotations
