@@ -78,8 +78,8 @@ GUEST_TMPFS = ("/etc", "/tmp", "/run", "/var/tmp", "/var/lib", "/root")
 AGENT_PATH = "/usr/lib/pyshim"  # the image's PYTHONPATH root
 # TCG's translation cache: a cold boot fills ~84 MB of QEMU's default; a clone runs far less
 # code. QEMU's PSS with 3 pods: 95 MB at 32, 85 at 24, 76 at 16; ctr run --rm true took
-# 2.5-3.3 s at each size (medians of 3, run to run noise larger than any difference). 24: the
-# middle, where no retranslation was seen.
+# 2.5-3.3 s at each size (medians of 3, run to run noise larger than any difference): 24 keeps
+# room over 16 for a busier guest.
 TCG_CACHE_MB = 24
 SAVE_POLL = 0.05
 QMP_TIMEOUT = 10.0
