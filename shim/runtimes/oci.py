@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
@@ -160,8 +161,11 @@ class OciCliContainer(Container):
         self, *args: str, input: bytes | None = None, fds: Mapping[int, int] | None = None
     ) -> CommandResult:
         argv = [*self.options.global_args(self._context.namespace, self._bundle), *args]
+        began = time.monotonic()
         try:
-            return await run_command(self._context.reaper, argv, input=input, fds=fds)
+            result = await run_command(self._context.reaper, argv, input=input, fds=fds)
+            log.debug("%s %s: %.3f s", argv[0], args[0], time.monotonic() - began)
+            return result
         except FileNotFoundError as exc:
             raise TtrpcError(
                 Code.FAILED_PRECONDITION, f"runtime binary {self.options.binary_name!r} not found"
