@@ -310,7 +310,9 @@ def test_an_exec_deleted_while_the_container_is_deleted(tmp_path: Path) -> None:
     async def scenario() -> None:
         vm = SimpleNamespace(agent=_RemovingAgent(), paths=VmPaths(tmp_path), forget=len)
         container = _container(vm)
-        container._runtime = SimpleNamespace(leave=lambda _id: asyncio.sleep(0))  # type: ignore[assignment]
+        container._runtime = SimpleNamespace(
+            leave=lambda _id: asyncio.sleep(0), is_last=lambda _id: False
+        )  # type: ignore[assignment]
         closing = asyncio.Event()
         init, exec_ = _SlowRelay(closing), _SlowRelay()
         container._relays = {"": init, "e1": exec_}  # type: ignore[dict-item]
@@ -322,3 +324,27 @@ def test_an_exec_deleted_while_the_container_is_deleted(tmp_path: Path) -> None:
         assert (init.closed, exec_.closed, container._relays) == (True, True, {})
 
     run(scenario())
+
+
+def test_the_vms_last_container_is_removed_with_the_vm_not_in_the_guest(tmp_path: Path) -> None:
+    """runc's delete in a guest about to be killed is skipped; any other container's is not."""
+
+    class CountingAgent(_RemovingAgent):
+        def __init__(self) -> None:
+            self.removed: list[str] = []
+
+        async def remove_container(self, container_id: str) -> None:
+            self.removed.append(container_id)
+
+    async def delete(last: bool) -> list[str]:
+        agent = CountingAgent()
+        vm = SimpleNamespace(agent=agent, paths=VmPaths(tmp_path), forget=len)
+        container = _container(vm)
+        container._runtime = SimpleNamespace(  # type: ignore[assignment]
+            leave=lambda _id: asyncio.sleep(0), is_last=lambda _id: last
+        )
+        await container.delete()
+        return agent.removed
+
+    assert run(delete(last=True)) == []
+    assert run(delete(last=False)) == ["c1"]
