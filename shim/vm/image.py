@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shim.sys.files import replace_file
 from shim.vm.kernel import INDEX_FILES, Kernel, write_module_index_to
 
 IMAGE_FORMAT = "erofs"
@@ -134,9 +135,10 @@ def build_image(
             shutil.rmtree(staging, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 temporary.unlink()
-    _write_atomically(
+    replace_file(
         images_dir / CURRENT_FILE,
         json.dumps({"path": image.path.name, "key": key, "release": image.release}).encode(),
+        0o644,
     )
     return image
 
@@ -326,7 +328,7 @@ def _closure(python: Path, cache_dir: Path) -> dict[str, Any]:
     closure["stamp"] = _stamp([python, *path, *(m[1] for m in closure["modules"])])
     with contextlib.suppress(OSError):
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(cache, json.dumps(closure).encode())
+        replace_file(cache, json.dumps(closure).encode(), 0o644)
     return closure
 
 
@@ -507,16 +509,3 @@ def _version() -> str:
         return metadata.version("pyshim")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(temporary, 0o644)
-        os.rename(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise

@@ -9,13 +9,13 @@ once with busybox's depmod (the host need not have kmod), into the kernel's dire
 
 from __future__ import annotations
 
-import os
 import struct
 import subprocess
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from shim.sys.files import replace_file
 
 _ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
 _ELF64_SECTION = struct.Struct("<IIQQQQIIQQ")
@@ -95,11 +95,7 @@ def write_module_index_to(directory: Path, kernel: Kernel, busybox: Path) -> Non
         else:
             files["modules.dep"].append(line)
     for name in reversed(INDEX_FILES):
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-        with os.fdopen(fd, "w") as f:
-            f.writelines(files[name])
-        os.chmod(temporary, 0o644)
-        os.rename(temporary, directory / name)
+        replace_file(directory / name, "".join(files[name]).encode(), 0o644)
 
 
 def find_kernel(root: Path) -> Kernel:

@@ -14,10 +14,11 @@ import hashlib
 import importlib.metadata
 import os
 import platform
-import tempfile
 from dataclasses import dataclass
 
 import wasmtime
+
+from shim.sys.files import replace_file
 
 _SUFFIX = ".cwasm"
 
@@ -51,15 +52,7 @@ class ModuleCache:
 
     def _store(self, entry: str, compiled: bytearray) -> None:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(compiled)
-            os.rename(temp, entry)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
+        replace_file(entry, bytes(compiled), 0o600)
         self._evict(keep=entry)
 
     def _evict(self, keep: str) -> None:
