@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -124,7 +125,9 @@ class Machine:
     size: VmSize
     accel: Accel
 
+    @functools.cached_property
     def template_key(self) -> str:
+        """Hashes the initrd and stats the kernel and QEMU: once per VM."""
         return template_key(
             layout=LAYOUT,
             kernel=_file_identity(self.kernel),
@@ -266,7 +269,7 @@ async def make_template(
 ) -> Template | None:
     """Boot the machine's template and save it, unless another shim is making it (None).
     `started` learns the template QEMU's pid (a `delete` after a killed shim must find it)."""
-    key = machine.template_key()
+    key = machine.template_key
     began = time.monotonic()
     with store.creating(key) as work:
         if work is None:

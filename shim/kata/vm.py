@@ -174,7 +174,7 @@ class Vm:
         if not self.config.templates:
             return None
         store = TemplateStore(self.config.assets().templates_dir)
-        template: Template | None = store.get(machine.template_key())
+        template: Template | None = store.get(machine.template_key)
         try:
             if template is None:
                 template = await make_template(
@@ -202,7 +202,7 @@ class Vm:
             log.warning(
                 "VM %s: template %s: %s; booting cold",
                 self.paths.root.name,
-                template.key if template else machine.template_key(),
+                template.key if template else machine.template_key,
                 exc.message,
             )
             await self._stop_qemu()
