@@ -37,7 +37,7 @@ def plan_assets(vm: VmAssets) -> list[Step]:
     else:
         todo = f"fetch kernel {where} (apt-get download {package}, dpkg-deb -x)"
         steps = [_step(todo, f"fetched kernel {where}", fetch, vm.kernel_dir)]
-    elf = kernel.vmlinuz.with_name(f"vmlinux-{kernel.release}")  # what pvh.write makes
+    elf = pvh.image_path(kernel)
     if pvh.written(kernel):
         steps.append(Step(f"unchanged: the kernel's PVH image {elf}"))
     else:

@@ -24,7 +24,7 @@ _PAGE = 4096
 
 def written(kernel: Kernel) -> Path | None:
     """The compact ELF of `kernel` if `write` made it from the current vmlinuz."""
-    path = _path(kernel)
+    path = image_path(kernel)
     try:
         current = path.stat().st_mtime_ns >= kernel.vmlinuz.stat().st_mtime_ns
     except FileNotFoundError:
@@ -36,14 +36,15 @@ def write(kernel: Kernel) -> int:
     """Write the compact ELF of `kernel` next to its vmlinuz; 0 (a child's exit code).
 
     ValueError if the vmlinuz holds no XZ-compressed ELF."""
-    path = _path(kernel)
+    path = image_path(kernel)
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     partial.write_bytes(compact_elf(uncompressed(kernel.vmlinuz.read_bytes())))
     partial.replace(path)  # atomic: shims booting at once each write their own, one wins
     return 0
 
 
-def _path(kernel: Kernel) -> Path:
+def image_path(kernel: Kernel) -> Path:
+    """Where `write` puts the uncompressed kernel: beside the vmlinuz."""
     return kernel.vmlinuz.with_name(kernel.vmlinuz.name.replace("vmlinuz-", "vmlinux-", 1))
 
 
