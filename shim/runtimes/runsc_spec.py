@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from shim.runtimes.spec import is_bind
+from shim.sys.files import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +236,4 @@ def readonly_binds(spec: dict[str, Any], bundle: str, container_id: str) -> bool
 def write_spec(bundle: str, spec: Mapping[str, Any]) -> None:
     """Replaces the bundle's config.json (what runsc reads) in one rename."""
     path = os.path.join(bundle, "config.json")
-    temporary = os.path.join(bundle, ".config.json.pyshim")
-    mode = os.stat(path).st_mode & 0o777
-    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
-        json.dump(spec, f)
-    os.replace(temporary, path)
+    replace_file(path, json.dumps(spec).encode(), os.stat(path).st_mode & 0o777)
