@@ -11,15 +11,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from harness import DEFAULT_VERSION, HarnessError, PrivateContainerd, unusable_reason, wait_until
+from harness import (
+    DEFAULT_VERSION,
+    NAMESPACE,
+    HarnessError,
+    PrivateContainerd,
+    unusable_reason,
+    wait_until,
+)
 
 
-def private_containerd(*, cri: bool = False) -> Iterator[PrivateContainerd]:
+def private_containerd(
+    *, cri: bool = False, namespace: str = NAMESPACE
+) -> Iterator[PrivateContainerd]:
     reason = unusable_reason()
     if reason:
         pytest.skip(reason)
     try:
-        with PrivateContainerd(version=DEFAULT_VERSION, cri=cri) as private:
+        with PrivateContainerd(version=DEFAULT_VERSION, cri=cri, namespace=namespace) as private:
             yield private
     except HarnessError as error:
         pytest.fail(str(error), pytrace=False)
