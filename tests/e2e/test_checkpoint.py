@@ -13,7 +13,7 @@ import pytest
 from harness import PrivateContainerd, wait_until
 from runsc_support import criu_unusable_reason, removing_ctr_fifos, runsc_unusable_reason
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.checkpoint]
 
 COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done"
 
@@ -21,11 +21,12 @@ COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done"
 @pytest.mark.parametrize(
     ("runtime", "unusable_reason"),
     [
-        ("io.containerd.pyrunsc.v1", runsc_unusable_reason),
+        pytest.param("io.containerd.pyrunsc.v1", runsc_unusable_reason, id="runsc"),
         # runc checkpoints with CRIU, which works only where `criu check` passes.
-        ("io.containerd.pyrunc.v1", criu_unusable_reason),
+        pytest.param(
+            "io.containerd.pyrunc.v1", criu_unusable_reason, id="runc", marks=pytest.mark.criu
+        ),
     ],
-    ids=["runsc", "runc"],
 )
 def test_restored_counter_goes_on_from_where_it_was(
     containerd: PrivateContainerd, runtime: str, unusable_reason: Callable[[], str | None]
