@@ -1,8 +1,9 @@
 """The guest agent: ``python -m shim.agent --listen PATH | --device /dev/vportNpM``.
 
 Serves the Agent API (proto/pyshim/agent/v1) with our ttrpc on a unix socket (host tests) or
-on a virtio-serial port (in the VM); runs containers under runc as a child subreaper that reaps
-every process through the one reaper. SIGTERM/SIGINT: the containers are killed and removed.
+on a virtio-serial port (in the VM); runs containers under an OCI runtime with runc's CLI (crun
+or runc) as a child subreaper that reaps every process through the one reaper. SIGTERM/SIGINT:
+the containers are killed and removed.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from shim.ttrpc.service import service_from_descriptor  # noqa: E402
 
 log = logging.getLogger("shim.agent")
 
-NAMESPACE = "agent"  # runc keeps its state in <runc root>/agent/<container id>
+NAMESPACE = "agent"  # the runtime keeps its state in <runtime root>/agent/<container id>
 RUNTIME_NAME = "io.containerd.pykata.v1"
 SHUTDOWN_GRACE = 2.0
 
@@ -45,10 +46,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--listen", metavar="PATH", help="serve on a unix socket at PATH")
     where.add_argument("--device", metavar="PATH", help="serve on a virtio-serial port")
     parser.add_argument("--state-dir", default="/run/pyshim-agent", help="bundles go here")
-    parser.add_argument("--runc", default="runc", help="the runc binary")
-    parser.add_argument("--runc-root", default="/run/runc", help="runc's state root")
     parser.add_argument(
-        "--no-pivot", action="store_true", help="runc --no-pivot (a rootfs on an initramfs)"
+        "--runtime", default="runc", help="the OCI runtime binary, one with runc's CLI (crun, runc)"
+    )
+    parser.add_argument(
+        "--runtime-root", help="the runtime's state root (default: /run/<the binary's name>)"
+    )
+    parser.add_argument(
+        "--no-pivot", action="store_true", help="--no-pivot to create (a rootfs on an initramfs)"
     )
     parser.add_argument("--debug", action="store_true")
     return parser.parse_args(argv)
@@ -59,7 +64,8 @@ async def serve(args: argparse.Namespace) -> None:
     reaper = Reaper.install(loop)
     os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
     runtime = RuncRuntime(ShimContext(NAMESPACE, RUNTIME_NAME, reaper, args.debug))
-    options = RuncOptions(binary_name=args.runc, root=args.runc_root, no_pivot_root=args.no_pivot)
+    root = args.runtime_root or os.path.join("/run", os.path.basename(args.runtime))
+    options = RuncOptions(binary_name=args.runtime, root=root, no_pivot_root=args.no_pivot)
     service = AgentService(runtime, args.state_dir, options)
     server = Server()
     server.register(service_from_descriptor(api.DESCRIPTOR.services_by_name["Agent"]), service)
@@ -75,10 +81,10 @@ async def serve(args: argparse.Namespace) -> None:
         serving = loop.create_task(server.serve(sock))
     else:
         # A VM template is saved once the agent answers: what the agent has imported (guest and
-        # network, above, though only some calls need them) and runc's binary, read once, are
-        # in its RAM, and no clone reads or decompresses them from the image again.
-        with contextlib.suppress(OSError):  # no runc: CreateContainer says so
-            await spawn(reaper, [args.runc, "--version"])[1]
+        # network, above, though only some calls need them) and the runtime's binary, read
+        # once, are in its RAM, and no clone reads or decompresses them from the image again.
+        with contextlib.suppress(OSError):  # no such binary: CreateContainer says so
+            await spawn(reaper, [args.runtime, "--version"])[1]
         serving = loop.create_task(serve_device(server, args.device))
     log.info("agent serving on %s", args.listen or args.device)
     await stop.wait()

@@ -168,12 +168,13 @@ class Machine:
         )
 
 
-def guest_initrd(kernel: Kernel, busybox: Path) -> bytes:
+def guest_initrd(kernel: Kernel, busybox: Path, runtime: str) -> bytes:
+    """The initramfs whose init runs the agent with `runtime`, an OCI runtime in the image."""
     modules = kernel.modules_in_load_order(BOOT_MODULES)
     setup = GuestSetup(
         modules=[m.name for m in modules],
         mounts=[],
-        command=_agent_command(),
+        command=_agent_command(runtime),
         symlinks=USR_LINKS,
         tmpfs=GUEST_TMPFS,
         environment=[("PYTHONPATH", AGENT_PATH), ("PYTHONDONTWRITEBYTECODE", "1")],
@@ -184,13 +185,14 @@ def guest_initrd(kernel: Kernel, busybox: Path) -> bytes:
     )
 
 
-def _agent_command() -> str:
+def _agent_command(runtime: str) -> str:
     find_port = (
         "for p in /sys/class/virtio-ports/*; do"
         f' [ "$(cat $p/name)" = {AGENT_PORT} ] && port=/dev/${{p##*/}}; done'
     )
     # -S: no site; the image holds no site-packages, only AGENT_PATH.
-    return f"{find_port}; exec /usr/bin/python3 -S -m shim.agent --device $port"
+    agent = f"/usr/bin/python3 -S -m shim.agent --runtime /usr/sbin/{shlex.quote(runtime)}"
+    return f"{find_port}; exec {agent} --device $port"
 
 
 class Qemu:

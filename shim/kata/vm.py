@@ -108,7 +108,7 @@ class Vm:
             tap_fd = plumbed.tap_fd if plumbed and interface else -1
             machine = Machine(
                 kernel=_boot_image(kernel),
-                initrd=guest_initrd(kernel, Path(self.config.busybox)),
+                initrd=guest_initrd(kernel, Path(self.config.busybox), self.config.guest_runtime),
                 image=image.path,
                 image_key=image.key,
                 append=kernel_append(*self.config.kernel_args),
@@ -163,6 +163,13 @@ class Vm:
                 Code.FAILED_PRECONDITION,
                 f"the guest image {image.key} holds the modules of {image.release}, the kernel"
                 f" is {kernel.release}: run `{SETUP_COMMAND}`",
+            )
+        runtime = self.config.guest_runtime
+        if runtime not in image.runtimes:
+            raise TtrpcError(
+                Code.FAILED_PRECONDITION,
+                f"the guest image {image.key} has no {runtime} ([vm] guest_runtime): apt-get"
+                f" install {runtime}, then run `{SETUP_COMMAND}`",
             )
         return kernel, image
 

@@ -178,6 +178,12 @@ class OciCliContainer(Container):
 
     def _raise_if_failed(self, operation: str, result: CommandResult) -> None:
         if result.status != 0:
+            if result.stderr.startswith(b"unknown command"):  # crun's, not in its log
+                raise TtrpcError(
+                    Code.UNIMPLEMENTED,
+                    f"{self.options.binary_name} has no {operation} command (it said:"
+                    f" {result.stderr.decode(errors='replace').strip()})",
+                )
             raise TtrpcError(
                 Code.UNKNOWN,
                 f"OCI runtime {operation} failed: {last_runtime_error(self._bundle, result)}",
@@ -265,7 +271,9 @@ class OciCliContainer(Container):
         gone = ("not running", "no such process", "already finished", "esrch", "state stopped")
         if any(text in lowered for text in gone):
             raise TtrpcError(Code.NOT_FOUND, "process already finished: not found")
-        if "does not exist" in lowered:
+        # runc: "container does not exist"; crun: no state file ("error opening file
+        # `<root>/<id>/status`: No such file or directory").
+        if "does not exist" in lowered or ("/status`" in lowered and "no such file" in lowered):
             raise TtrpcError(Code.NOT_FOUND, "no such container: not found")
         raise TtrpcError(Code.UNKNOWN, f"OCI runtime kill failed: {message}")
 

@@ -2,12 +2,14 @@
 
 It holds what the guest agent runs on and nothing of the host beyond that: the CPython binary
 this package runs on with only the stdlib modules the agent imports, the agent's modules and
-the third-party ones they need (under lib/pyshim, a PYTHONPATH root), runc, a static busybox
-with its applets as symlinks, the shared libraries of each of those ELF files, and the guest
-kernel's whole module tree with busybox modprobe's index. Layout, relative to the guest's /usr:
+the third-party ones they need (under lib/pyshim, a PYTHONPATH root), the OCI runtimes the
+agent can run containers with (crun and runc, those the host has; pykata's [vm] guest_runtime
+picks one), a static busybox with its applets as symlinks, the shared libraries of each of
+those ELF files, and the guest kernel's whole module tree with busybox modprobe's index.
+Layout, relative to the guest's /usr:
 
     bin/python3, lib/python3.11/ (os.py is CPython's prefix landmark), lib/pyshim/
-    sbin/runc, bin/busybox, bin/<applet> -> busybox, sbin/modprobe -> ../bin/busybox
+    sbin/crun, sbin/runc, bin/busybox, bin/<applet> -> busybox, sbin/modprobe -> ../bin/busybox
     lib/x86_64-linux-gnu/*.so*, lib64/ld-linux-x86-64.so.2 (as ldd found them on the host)
     lib/modules/<release>/ with modules.dep, modules.alias, modules.symbols
     share/pyshim/manifest.json
@@ -21,9 +23,10 @@ Why erofs with lz4 (measured on the 393 MB module tree): erofs lz4 1.0 s -> 184 
 10.9 s -> 159 MB; squashfs zstd 25.9 s -> 88 MB. Building is on the path of `pyshim install`
 and lz4 is the cheapest to read in a guest without spare CPU.
 
-The image is keyed by its content (`image_key`): a changed package, interpreter, library, runc,
-busybox or kernel gives a new guest-<key>.erofs. The module tree is keyed by the kernel's
-vmlinuz (path, size, mtime) and its modules.order: hashing 393 MB at each install is too slow.
+The image is keyed by its content (`image_key`): a changed package, interpreter, library, OCI
+runtime, busybox or kernel gives a new guest-<key>.erofs. The module tree is keyed by the
+kernel's vmlinuz (path, size, mtime) and its modules.order: hashing 393 MB at each install is
+too slow.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ MKFS_OPTIONS = ("-zlz4", "--all-root", "-T0", "--ignore-mtime", "--quiet")
 DEFAULT_CACHE_DIR = Path("/var/cache/pyshim")
 CURRENT_FILE = "current.json"
 CLOSURE_CACHE = "guest-closure.json"
+# The OCI runtimes (runc's CLI) a guest can run containers with, each named as its binary and
+# its Debian package. Both go in when the host has them (runc for checkpoints: Debian's crun
+# is built without CRIU), so that the setting needs no other image.
+GUEST_RUNTIMES = ("crun", "runc")
 
 PYTHON_DIR = f"python{sys.version_info.major}.{sys.version_info.minor}"
 STDLIB = f"lib/{PYTHON_DIR}"
@@ -82,6 +89,7 @@ class GuestImage:
     path: Path  # <images_dir>/guest-<key>.erofs
     key: str  # hex digest of every input's content and this builder's version
     release: str  # kernel release whose modules it holds
+    runtimes: tuple[str, ...] = GUEST_RUNTIMES  # the OCI runtimes it holds in sbin/
 
 
 @dataclass(frozen=True)
@@ -94,26 +102,28 @@ class _Plan:
 def image_key(
     kernel: Kernel,
     busybox: Path = Path("/bin/busybox"),
-    runc: Path | None = None,
+    runtimes: Mapping[str, Path] | None = None,
     *,
     cache_dir: Path | None = None,
 ) -> str:
-    """The key of the image these inputs make. The agent's import closure is cached in
-    `cache_dir` (default /var/cache/pyshim; build_image uses its images_dir)."""
-    return _key(_plan(kernel, busybox, runc, cache_dir or DEFAULT_CACHE_DIR))
+    """The key of the image these inputs make (`runtimes`: name -> binary, default those of
+    GUEST_RUNTIMES on PATH). The agent's import closure is cached in `cache_dir` (default
+    /var/cache/pyshim; build_image uses its images_dir)."""
+    return _key(_plan(kernel, busybox, runtimes, cache_dir or DEFAULT_CACHE_DIR))
 
 
 def build_image(
     images_dir: Path,
     kernel: Kernel,
     busybox: Path = Path("/bin/busybox"),
-    runc: Path | None = None,
+    runtimes: Mapping[str, Path] | None = None,
 ) -> GuestImage:
     """guest-<key>.erofs in `images_dir`, built unless it is there, and recorded as current."""
     images_dir.mkdir(parents=True, exist_ok=True)
-    plan = _plan(kernel, busybox, runc, images_dir)
+    plan = _plan(kernel, busybox, runtimes, images_dir)
     key = _key(plan)
-    image = GuestImage(images_dir / f"guest-{key}.erofs", key, kernel.release)
+    held = tuple(name for name in GUEST_RUNTIMES if f"sbin/{name}" in plan.files)
+    image = GuestImage(images_dir / f"guest-{key}.erofs", key, kernel.release, held)
     if not image.path.exists():
         mkfs = shutil.which("mkfs.erofs")
         if mkfs is None:
@@ -137,7 +147,9 @@ def build_image(
                 temporary.unlink()
     replace_file(
         images_dir / CURRENT_FILE,
-        json.dumps({"path": image.path.name, "key": key, "release": image.release}).encode(),
+        json.dumps(
+            {"path": image.path.name, "key": key, "release": image.release, "runtimes": held}
+        ).encode(),
         0o644,
     )
     return image
@@ -147,7 +159,9 @@ def current_image(images_dir: Path) -> GuestImage | None:
     """What the last build_image recorded, if that image is still there."""
     try:
         record = json.loads((images_dir / CURRENT_FILE).read_text())
-        image = GuestImage(images_dir / record["path"], record["key"], record["release"])
+        # Images recorded before the guest runtime was a choice held runc alone.
+        runtimes = tuple(record.get("runtimes", ["runc"]))
+        image = GuestImage(images_dir / record["path"], record["key"], record["release"], runtimes)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return image if image.path.is_file() else None
@@ -168,26 +182,22 @@ def remove_stale_images(images_dir: Path, keep: GuestImage) -> list[Path]:
 # -- what goes in -------------------------------------------------------------------------------
 
 
-def _plan(kernel: Kernel, busybox: Path, runc: Path | None, cache_dir: Path) -> _Plan:
+def _plan(
+    kernel: Kernel, busybox: Path, runtimes: Mapping[str, Path] | None, cache_dir: Path
+) -> _Plan:
     if not busybox.is_file():
         raise MissingTool(f"{busybox} not found: apt-get install busybox-static")
-    if runc is None:
-        found = shutil.which("runc")
-        if found is None:
-            raise MissingTool("runc not found: apt-get install runc")
-        runc = Path(found)
-    elif not runc.is_file():
-        raise MissingTool(f"{runc} not found: apt-get install runc")
+    runtime_files = _runtime_files(runtimes)
     python = Path(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))
     files: dict[str, Path] = {
         "bin/python3": python,
-        "sbin/runc": Path(os.path.realpath(runc)),
+        **{f"sbin/{name}": binary for name, binary in runtime_files.items()},
         "bin/busybox": Path(os.path.realpath(busybox)),
     }
     closure = _closure(python, cache_dir)
     files.update(_module_files(closure))
     roots = [Path(p) for p in closure["path"] if p]
-    elves = [files["bin/python3"], files["sbin/runc"], files["bin/busybox"]]
+    elves = [files["bin/python3"], *runtime_files.values(), files["bin/busybox"]]
     elves += sorted(source for dest, source in files.items() if dest.endswith(".so"))
     for dependency in sorted({d for deps in ldd(elves).values() for d in deps}):
         files.setdefault(library_destination(dependency, roots), Path(os.path.realpath(dependency)))
@@ -197,6 +207,23 @@ def _plan(kernel: Kernel, busybox: Path, runc: Path | None, cache_dir: Path) -> 
     symlinks = {"sbin/modprobe": "../bin/busybox"}
     symlinks.update(applet_links(applets, files))
     return _Plan(files, symlinks, kernel)
+
+
+def _runtime_files(given: Mapping[str, Path] | None) -> dict[str, Path]:
+    """name -> real path of each guest runtime: `given`, else those on this host's PATH. One
+    at least; which one a VM runs is pykata's setting, checked when the VM starts."""
+    if given is None:
+        found = {name: shutil.which(name) for name in GUEST_RUNTIMES}
+        given = {name: Path(path) for name, path in found.items() if path}
+    for name, binary in given.items():
+        if name not in GUEST_RUNTIMES:
+            raise ValueError(f"no guest runtime {name!r}: one of {', '.join(GUEST_RUNTIMES)}")
+        if not binary.is_file():
+            raise MissingTool(f"{binary} not found: apt-get install {name}")
+    if not given:
+        names = " or ".join(GUEST_RUNTIMES)
+        raise MissingTool(f"no {names} found (the guest's OCI runtime): apt-get install crun")
+    return {name: Path(os.path.realpath(binary)) for name, binary in given.items()}
 
 
 def applet_links(applets: Iterable[str], placed: Mapping[str, object]) -> dict[str, str]:

@@ -81,7 +81,7 @@ def _json_member(tar: tarfile.TarFile, name: str) -> Any:
 def start_agent(base: Path, rootfs: Path) -> Agent:
     sock = base / "agent.sock"
     argv = [sys.executable, "-m", "shim.agent", "--listen", str(sock)]
-    argv += ["--state-dir", str(base / "state"), "--runc-root", str(base / "runc"), "--debug"]
+    argv += ["--state-dir", str(base / "state"), "--runtime-root", str(base / "runc"), "--debug"]
     log = open(base / "agent.log", "ab")  # noqa: SIM115 - the agent's stderr, kept open by it
     process = subprocess.Popen(argv, cwd=REPO, stderr=log, stdin=subprocess.DEVNULL)
     log.close()

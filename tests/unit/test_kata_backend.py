@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from shim.agent.client import AgentClient
-from shim.kata.boot import Qemu, RunFiles
+from shim.kata.boot import Qemu, RunFiles, _agent_command
 from shim.kata.config import KataConfig, VmSize
 from shim.kata.relay import ProcessRelay
 from shim.kata.state import VmPaths
@@ -199,7 +199,7 @@ def test_a_failed_create_closes_the_relay(tmp_path: Path, monkeypatch: pytest.Mo
 def test_a_boot_failing_before_qemu_removes_the_vm_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def fail(kernel: Any, busybox: Path) -> bytes:
+    def fail(kernel: Any, busybox: Path, runtime: str) -> bytes:
         raise OSError("no busybox")
 
     async def tcg(self: Vm, kernel: Any) -> str:
@@ -222,6 +222,41 @@ def test_missing_assets_name_the_command_that_makes_them(tmp_path: Path) -> None
     with pytest.raises(TtrpcError, match="pyshim assets") as raised:
         vm._assets()
     assert raised.value.code == Code.FAILED_PRECONDITION
+
+
+def test_the_guest_runtime_is_crun_unless_configured_and_checked() -> None:
+    assert KataConfig().guest_runtime == "crun"
+    assert KataConfig.from_table({"guest_runtime": "runc"}).guest_runtime == "runc"
+    with pytest.raises(TtrpcError, match="guest_runtime='youki'") as raised:
+        KataConfig.from_table({"guest_runtime": "youki"})
+    assert raised.value.code == Code.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("runtime", ["crun", "runc"])
+def test_the_agent_is_told_the_configured_runtime(runtime: str) -> None:
+    command = _agent_command(runtime)
+    assert f"-m shim.agent --runtime /usr/sbin/{runtime} --device $port" in command
+
+
+def test_an_image_without_the_configured_runtime_names_the_package_and_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "guest-k.erofs").write_bytes(b"")
+    record = {"path": "guest-k.erofs", "key": "k", "release": "r", "runtimes": ["runc"]}
+    (images / "current.json").write_text(json.dumps(record))
+    monkeypatch.setattr("shim.kata.vm.find_kernel", lambda root: SimpleNamespace(release="r"))
+    runc = Vm(
+        None, VmPaths(tmp_path / "vm"), KataConfig(assets_dir=str(tmp_path), guest_runtime="runc")
+    )  # type: ignore[arg-type]
+    assert runc._assets()[1].runtimes == ("runc",)
+    crun = Vm(None, VmPaths(tmp_path / "vm"), KataConfig(assets_dir=str(tmp_path)))  # type: ignore[arg-type]
+    with pytest.raises(TtrpcError) as raised:
+        crun._assets()
+    assert raised.value.code == Code.FAILED_PRECONDITION
+    assert "has no crun" in raised.value.message
+    assert "apt-get install crun, then run `pyshim assets`" in raised.value.message
 
 
 def test_a_terminal_with_stdin_ends_its_console_with_its_output() -> None:

@@ -109,11 +109,14 @@ def test_key_changes_when_an_input_file_changes(tmp_path: Path) -> None:
 
 def test_current_image_and_stale_images(tmp_path: Path) -> None:
     assert image.current_image(tmp_path) is None
-    keep = GuestImage(tmp_path / "guest-aa.erofs", "aa", "6.1.0-test")
+    keep = GuestImage(tmp_path / "guest-aa.erofs", "aa", "6.1.0-test", ("crun",))
     for name in ("guest-aa.erofs", "guest-bb.erofs", "guest-cc.erofs", "other.erofs"):
         (tmp_path / name).write_bytes(b"")
     record = {"path": keep.path.name, "key": keep.key, "release": keep.release}
     (tmp_path / "current.json").write_text(json.dumps(record))
+    # Recorded before the guest runtime was a choice: runc was the only one.
+    assert image.current_image(tmp_path) == GuestImage(keep.path, "aa", "6.1.0-test", ("runc",))
+    (tmp_path / "current.json").write_text(json.dumps({**record, "runtimes": ["crun"]}))
     assert image.current_image(tmp_path) == keep
     assert image.remove_stale_images(tmp_path, keep) == [
         tmp_path / "guest-bb.erofs",
@@ -124,6 +127,22 @@ def test_current_image_and_stale_images(tmp_path: Path) -> None:
     assert image.current_image(tmp_path) is None  # the file it names is gone
 
 
+def test_runtimes_found_given_or_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    binary = tmp_path / "runc"
+    binary.write_bytes(b"")
+    assert image._runtime_files({"runc": binary}) == {"runc": binary}
+    with pytest.raises(image.MissingTool, match="apt-get install crun"):
+        image._runtime_files({"crun": tmp_path / "gone"})
+    with pytest.raises(ValueError, match="no guest runtime 'youki'"):
+        image._runtime_files({"youki": binary})
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(image.MissingTool, match=r"no crun or runc found.*apt-get install crun"):
+        image._runtime_files(None)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    binary.chmod(0o755)
+    assert image._runtime_files(None) == {"runc": binary}  # what the host has
+
+
 # -- a real build ---------------------------------------------------------------------------------
 
 
@@ -132,8 +151,8 @@ def _require_build() -> Kernel:
         pytest.skip("needs mkfs.erofs (apt-get install erofs-utils)")
     if os.geteuid() != 0:
         pytest.skip("needs root (mount, chroot)")
-    if shutil.which("runc") is None or not Path("/bin/busybox").exists():
-        pytest.skip("needs runc and busybox-static")
+    if None in (shutil.which("runc"), shutil.which("crun")) or not Path("/bin/busybox").exists():
+        pytest.skip("needs runc, crun and busybox-static")
     try:
         return find_kernel(KERNEL_ROOT)
     except FileNotFoundError:
@@ -194,7 +213,7 @@ def chroot(root: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_built_image_runs_the_agents_imports_runc_and_modprobe(
+def test_built_image_runs_the_agents_imports_runtimes_and_modprobe(
     built: tuple[GuestImage, Kernel], tmp_path: Path
 ) -> None:
     built_image, kernel = built
@@ -215,8 +234,10 @@ def test_built_image_runs_the_agents_imports_runc_and_modprobe(
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "/usr"  # the landmark found: no ld.so.cache needed
 
-        result = chroot(root, "runc", "--version")
-        assert result.returncode == 0 and "runc version" in result.stdout, result.stderr
+        assert built_image.runtimes == ("crun", "runc")
+        for runtime in built_image.runtimes:  # each with its libraries
+            result = chroot(root, runtime, "--version")
+            assert result.returncode == 0 and f"{runtime} version" in result.stdout, result.stderr
 
         assert os.readlink(usr / "sbin/modprobe") == "../bin/busybox"
         assert (usr / "lib/modules" / kernel.release / "modules.dep").is_file()
