@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from shim.runtimes import oci
+from shim.runtimes import criu, oci
 from shim.runtimes.base import CheckpointRequest, Container, ContainerConfig, Runtime
+from shim.runtimes.oci import last_runtime_error
+from shim.sys.spawn import CommandResult
 from shim.ttrpc.errors import Code, TtrpcError
 
 log = logging.getLogger(__name__)
@@ -73,12 +76,23 @@ class RuncContainer(oci.OciCliContainer):
             flags.append("--no-new-keyring")
         return flags
 
+    def _restore_work_path(self) -> str:
+        return self.options.criu_work_path or os.path.join(self._bundle, "work")
+
     def _restore_flags(self) -> list[str]:
-        work = self.options.criu_work_path or os.path.join(self._bundle, "work")
-        flags = ["--work-path", work, "--no-subreaper"]
+        flags = ["--work-path", self._restore_work_path(), "--no-subreaper"]
         if self._config.parent_checkpoint:
             flags += ["--parent-path", self._config.parent_checkpoint]
         return flags
+
+    def _raise_if_failed(self, operation: str, result: CommandResult) -> None:
+        if operation == "restore" and result.status != 0:  # with CRIU's reasons
+            log = os.path.join(self._restore_work_path(), criu.RESTORE_LOG)
+            kept = log if os.path.isfile(log) else None
+            message = last_runtime_error(self._bundle, result)
+            detail = criu.describe_failure(message, criu.log_errors(log), kept)
+            raise TtrpcError(Code.UNKNOWN, f"OCI runtime restore failed: {detail}")
+        super()._raise_if_failed(operation, result)
 
     async def stats(self) -> Any:
         from shim.sys.cgroups import Cgroup
@@ -90,9 +104,13 @@ class RuncContainer(oci.OciCliContainer):
 
     async def checkpoint(self, request: CheckpointRequest) -> None:
         options = oci.checkpoint_options(request)
+        image = request.path or options.image_path  # containerd's choice, the client's if set
+        if not image:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "checkpoint: no image path")
+        # A work dir of our own goes afterwards (as containerd's runc shim does); the client's
+        # stays, with CRIU's log in it.
         work = options.work_path or os.path.join(self._bundle, "work", "criu-work")
-        args = ["checkpoint", "--image-path", options.image_path or request.path]
-        args += ["--work-path", work]
+        args = ["checkpoint", "--image-path", image, "--work-path", work]
         flag_options = (
             (options.open_tcp, "--tcp-established"),
             (options.external_unix_sockets, "--ext-unix-sk"),
@@ -103,7 +121,19 @@ class RuncContainer(oci.OciCliContainer):
         args += [flag for enabled, flag in flag_options if enabled]
         for namespace in options.empty_namespaces:
             args += ["--empty-ns", namespace]
-        await self._checked("checkpoint", *args, self._id)
+        try:
+            result = await self._cli(*args, self._id)
+            if result.status != 0:
+                # Kept beside an image the client chose, else in the bundle (as containerd's
+                # runc shim does): containerd removes an image dir of its own on failure.
+                log = os.path.join(work, criu.DUMP_LOG)
+                kept = criu.keep_log(log, [*filter(None, [options.image_path]), self._bundle])
+                message = last_runtime_error(self._bundle, result)
+                detail = criu.describe_failure(message, criu.log_errors(log), kept)
+                raise TtrpcError(Code.UNKNOWN, f"OCI runtime checkpoint failed: {detail}")
+        finally:
+            if not options.work_path:
+                shutil.rmtree(work, ignore_errors=True)
 
     async def on_init_exit(self) -> None:
         if not self._has_own_pid_namespace():
