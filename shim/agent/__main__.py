@@ -24,12 +24,12 @@ import signal  # noqa: E402
 from shim.agent import guest, network  # noqa: E402, F401  (see serve)
 from shim.agent.channel import serve_device  # noqa: E402
 from shim.agent.service import AgentService  # noqa: E402
+from shim.agent.specversion import SpecLimitedRuntime, declared_spec_version  # noqa: E402
 from shim.api.agent.v1 import agent_pb2 as api  # noqa: E402
 from shim.api.runc.options_pb2 import Options as RuncOptions  # noqa: E402
 from shim.runtimes.base import ShimContext  # noqa: E402
-from shim.runtimes.runc import RuncRuntime  # noqa: E402
 from shim.sys.reaper import Reaper  # noqa: E402
-from shim.sys.spawn import spawn  # noqa: E402
+from shim.sys.spawn import run_command  # noqa: E402
 from shim.ttrpc.server import Server  # noqa: E402
 from shim.ttrpc.service import service_from_descriptor  # noqa: E402
 
@@ -63,7 +63,13 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     reaper = Reaper.install(loop)
     os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
-    runtime = RuncRuntime(ShimContext(NAMESPACE, RUNTIME_NAME, reaper, args.debug))
+    # In a VM template, the runtime's binary read here stays in its RAM: no clone reads or
+    # decompresses it from the image again.
+    version = ""
+    with contextlib.suppress(OSError):  # no such binary: CreateContainer says so
+        version = (await run_command(reaper, [args.runtime, "--version"])).stdout.decode()
+    context = ShimContext(NAMESPACE, RUNTIME_NAME, reaper, args.debug)
+    runtime = SpecLimitedRuntime(context, declared_spec_version(version))
     root = args.runtime_root or os.path.join("/run", os.path.basename(args.runtime))
     options = RuncOptions(binary_name=args.runtime, root=root, no_pivot_root=args.no_pivot)
     service = AgentService(runtime, args.state_dir, options)
@@ -81,10 +87,7 @@ async def serve(args: argparse.Namespace) -> None:
         serving = loop.create_task(server.serve(sock))
     else:
         # A VM template is saved once the agent answers: what the agent has imported (guest and
-        # network, above, though only some calls need them) and the runtime's binary, read
-        # once, are in its RAM, and no clone reads or decompresses them from the image again.
-        with contextlib.suppress(OSError):  # no such binary: CreateContainer says so
-            await spawn(reaper, [args.runtime, "--version"])[1]
+        # network, above, though only some calls need them) is in its RAM.
         serving = loop.create_task(serve_device(server, args.device))
     log.info("agent serving on %s", args.listen or args.device)
     await stop.wait()
