@@ -27,6 +27,9 @@ What differs lives here:
   limits written into the sandbox's host cgroup; a pod's sub-container has no cgroup of its
   own, which Update reports as Unimplemented.
 * Checkpoint always stops the container: this runsc's ``--leave-running`` never returns.
+  runsc checkpoints and restores a whole sandbox, so a pod's container (CRI's
+  CheckpointContainer, or a restore into another pod) is refused as Unimplemented: the
+  checkpoint would stop the pod.
 * The network: a container with a network namespace to join (CNI) gets gVisor's netstack
   (runsc's default ``network=sandbox``) unless runsc.toml says otherwise; one with no network
   namespace in its spec (hostNetwork, ``--net-host``) the host's (``network=host``); one with a
@@ -235,6 +238,14 @@ def sandbox_of(container_id: str, spec: Mapping[str, Any]) -> str | None:
     return None if sandbox_id == container_id else str(sandbox_id)
 
 
+def whole_sandbox_only(operation: str, sandbox_id: str) -> str:
+    """Why a container of a pod cannot be checkpointed or restored on its own."""
+    return (
+        f"{operation} of one container of the gVisor pod {sandbox_id}: runsc checkpoints and "
+        "restores whole sandboxes (its checkpoint would stop every container of the pod)"
+    )
+
+
 def wait_status(result: CommandResult) -> int | None:
     """The exit status `runsc wait` printed, None if it could not wait."""
     if result.status != 0:
@@ -370,6 +381,8 @@ class RunscContainer(oci.OciCliContainer):
         return super()._create_stdio()
 
     async def create(self) -> Launched | None:
+        if self._config.checkpoint and self._sandbox_id is not None:
+            raise NotImplementedError(whole_sandbox_only("restore", self._sandbox_id))
         await self._adapt_spec()
         await self._choose_network()
         if self._takes_stdio_at_start():
@@ -583,6 +596,8 @@ class RunscContainer(oci.OciCliContainer):
         return metrics_from_runsc(event.get("data") or {}, _cgroup_version())
 
     async def checkpoint(self, request: CheckpointRequest) -> None:
+        if self._sandbox_id is not None:
+            raise NotImplementedError(whole_sandbox_only("checkpoint", self._sandbox_id))
         options = oci.checkpoint_options(request)
         if self._paused:
             # containerd pauses a task before checkpointing it; runsc then panics
