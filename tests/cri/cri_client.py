@@ -264,6 +264,16 @@ class CriClient:
         )
         self.call("UpdateContainerResources", request)
 
+    def checkpoint(self, container_id: str, location: Path) -> None:
+        """Kubernetes' forensic checkpoint: the archive of the running container at location."""
+        request = cri.CheckpointContainerRequest(container_id=container_id, location=str(location))
+        self.call("CheckpointContainer", request)
+
+    def pull_image(self, image: str) -> str:
+        """Pull through CRI (the node's registry configuration); the image's id."""
+        request = cri.PullImageRequest(image=cri.ImageSpec(image=image))
+        return str(self.images.PullImage(request, timeout=CALL_TIMEOUT).image_ref)
+
     def reopen_log(self, container_id: str) -> None:
         self.call("ReopenContainerLog", cri.ReopenContainerLogRequest(container_id=container_id))
 

@@ -379,6 +379,7 @@ class PrivateContainerd:
         self.pykata_bin = pykata_bin
         self.vm_assets = vm_assets
         self.pykata_config = self.base / "pykata.toml"
+        self.registry_hosts = self.base / "certs.d"  # CRI's registry config_path
         self.snapshotter = "overlayfs" if overlay_works(self.base / "overlay-probe") else "native"
         # With cri, pods that do not use the host's network get one of their own on this bridge.
         self.pod_network = PodNetwork.for_session(self.base) if cri else None
@@ -472,9 +473,11 @@ class PrivateContainerd:
     def _cri_config_toml(self) -> str:
         """CRI: the offline pause image, the session's CNI pod network (podnet.py), the
         streaming server on loopback, and containerd's own runc shim as the reference handler
-        `runc`. Root here lacks CAP_SYS_RESOURCE, so no oom_score_adj may go below containerd's own
-        (CRI gives pause -998 otherwise, and runc init dies)."""
+        `runc`. Registries: a hosts.toml per host in registry_hosts (read at each pull; none
+        by default). Root here lacks CAP_SYS_RESOURCE, so no oom_score_adj may go below
+        containerd's own (CRI gives pause -998 otherwise, and runc init dies)."""
         pause = image_ref(ensure_image(pause=True))
+        registry = f'  config_path = "{self.registry_hosts}"\n'
         cni = f'  bin_dir = "{CNI_BIN_DIR}"\n  conf_dir = "{self.base / "cni-conf"}"\n'
         server = '  stream_server_address = "127.0.0.1"\n  stream_server_port = "0"\n'
         oom = "  restrict_oom_score_adj = true\n"
@@ -483,6 +486,7 @@ class PrivateContainerd:
             return (
                 f'{cri}]\n  sandbox_image = "{pause}"\n{server}{oom}'
                 f"{cri}.cni]\n{cni}"
+                f"{cri}.registry]\n{registry}"
                 f'{cri}.containerd]\n  snapshotter = "{self.snapshotter}"\n'
                 '  default_runtime_name = "runc"\n'
                 f'{cri}.containerd.runtimes.runc]\n  runtime_type = "{GO_RUNTIME}"\n'
@@ -494,6 +498,7 @@ class PrivateContainerd:
         return (
             f'{images}]\n  snapshotter = "{self.snapshotter}"\n'
             f'{images}.pinned_images]\n  sandbox = "{pause}"\n'
+            f"{images}.registry]\n{registry}"
             f"{runtime}]\n{oom}"
             f"{runtime}.cni]\n{cni}"
             f'{runtime}.containerd]\n  default_runtime_name = "runc"\n'

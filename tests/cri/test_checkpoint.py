@@ -1,0 +1,107 @@
+"""Checkpoint and restore through CRI, per handler, as Kubernetes does them.
+
+`CheckpointContainer` (Kubernetes' forensic container checkpointing) writes an archive of a
+running container, which keeps running; a container created from that archive (its path as
+the image) in another pod restores it. containerd 2.x implements both (CRImportCheckpoint);
+1.6 and 1.7 answer Unimplemented. The restore pulls the checkpoint's base image by the digest
+recorded in the archive, so the pods' image comes from a registry on loopback (registry.py),
+pulled through CRI as a kubelet pulls.
+
+pyrunc and containerd's own runc shim need CRIU (marker `criu`: scripts/vm-test's checkpoint
+suite). runsc checkpoints whole sandboxes, so pyrunsc refuses a pod's container.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import grpc
+import pytest
+from cri_client import CriClient
+from harness import IMAGE_TAR, PrivateContainerd, wait_until
+from registry import serving
+from runsc_support import criu_unusable_reason, require_runsc
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.checkpoint]
+
+# The count lives in the shell's memory; the file only shows it. A process started afresh
+# would write 1, 2, ... over the value the archive's rootfs diff brought along.
+COUNTER = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done"]
+
+
+def count(cri: CriClient, container_id: str) -> int:
+    return int(cri.exec_sync(container_id, ["cat", "/tmp/n"]).stdout.strip() or 0)
+
+
+def assert_unimplemented_before_2(containerd: PrivateContainerd, cri: CriClient) -> bool:
+    """On containerd 1.x, that CheckpointContainer is Unimplemented (True: nothing else to
+    test); False on 2.x."""
+    if not containerd.version.startswith("1."):
+        return False
+    with pytest.raises(grpc.RpcError) as error:
+        cri.checkpoint("any", containerd.base / "never-written.tar")
+    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert not (containerd.base / "never-written.tar").exists()
+    return True
+
+
+@pytest.mark.criu
+@pytest.mark.parametrize("criu_handler", ["pyrunc", "runc"])
+def test_checkpoint_archive_restores_in_another_pod(
+    containerd: PrivateContainerd, cri: CriClient, criu_handler: str, tmp_path: Path
+) -> None:
+    if assert_unimplemented_before_2(containerd, cri):
+        return
+    reason = criu_unusable_reason()
+    if reason:
+        pytest.skip(reason)
+    with serving(IMAGE_TAR, "pyshim/busybox", "checkpoint", containerd.registry_hosts) as ref:
+        cri.pull_image(ref)
+        try:
+            restore_in_another_pod(cri, criu_handler, ref, tmp_path / "checkpoint.tar")
+        finally:
+            cri.remove_all()
+            # This name only: CRI's RemoveImage would remove the session's busybox (same id).
+            containerd.ctr("images", "rm", ref)
+
+
+def restore_in_another_pod(cri: CriClient, handler: str, image: str, archive: Path) -> None:
+    source = cri.run_container(cri.run_pod(handler), image, COUNTER)
+    assert wait_until(lambda: count(cri, source) >= 20, timeout=60)
+    before = count(cri, source)
+    cri.checkpoint(source, archive)
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    assert {"spec.dump", "config.dump", "rootfs-diff.tar"} <= names
+    assert any(name.startswith("checkpoint/") for name in names), names  # CRIU's images
+    # Forensic checkpointing leaves the container running.
+    left = count(cri, source)
+    assert wait_until(lambda: count(cri, source) > left, timeout=20)
+
+    restored = cri.create_container(cri.run_pod(handler), str(archive), [])
+    cri.start_container(restored)
+    assert cri.container_status(restored).status.state == 1  # CONTAINER_RUNNING
+    stale = count(cri, restored)
+    assert wait_until(lambda: count(cri, restored) != stale, timeout=20)
+    assert count(cri, restored) > before
+
+
+def test_pyrunsc_refuses_to_checkpoint_a_pod_container(
+    containerd: PrivateContainerd, cri: CriClient, tmp_path: Path
+) -> None:
+    """runsc would checkpoint, and stop, the whole sandbox: the pod keeps running instead."""
+    require_runsc()
+    if assert_unimplemented_before_2(containerd, cri):
+        return
+    pod = cri.run_pod("pyrunsc")
+    container = cri.run_container(pod, containerd.image, COUNTER)
+    assert wait_until(lambda: count(cri, container) >= 5, timeout=60)
+    archive = tmp_path / "checkpoint.tar"
+    with pytest.raises(grpc.RpcError) as error:
+        cri.checkpoint(container, archive)
+    assert "runsc checkpoints and restores whole sandboxes" in str(error.value.details())
+    assert not archive.exists()
+    assert cri.pod_status(pod).status.state == 0  # SANDBOX_READY
+    seen = count(cri, container)
+    assert wait_until(lambda: count(cri, container) > seen, timeout=20)
