@@ -30,6 +30,7 @@ _STAGE_DIR = "/.vm"  # busybox and this script, copied into the new root for sta
 _MODPROBE_ROOT = f"{_STAGE_DIR}/modroot"  # the modprobe helper's chroot: busybox, /lib/modules
 _MODPROBE = f"{_STAGE_DIR}/modprobe"  # the kernel's usermode modprobe helper (a script)
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_STDIO_NAMES = ("stdin", "stdout", "stderr")  # /dev/<name> -> fd/0, fd/1, fd/2
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,9 @@ def init_script(setup: GuestSetup) -> str:
         "  $bb mkdir -p /dev/pts /dev/shm /sys/fs/cgroup",
         "  $bb mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts",
         "  $bb ln -sf pts/ptmx /dev/ptmx",
+        # What udev would make: programs open /dev/stdin (crun reads `update --resources -`).
+        "  $bb ln -sf /proc/self/fd /dev/fd",
+        *(f"  $bb ln -sf fd/{n} /dev/{name}" for n, name in enumerate(_STDIO_NAMES)),
         "  $bb mount -t tmpfs -o mode=1777 shm /dev/shm",
         "  $bb mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup",
         "  for c in $($bb cat /sys/fs/cgroup/cgroup.controllers); do",

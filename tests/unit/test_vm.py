@@ -83,6 +83,9 @@ def test_init_script_mounts_shares_and_cgroup2_then_runs_the_command() -> None:
     assert "exec switch_root /newroot /.vm/busybox sh /.vm/init stage2" in script
     assert "mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup" in script
     assert "echo +$c > /sys/fs/cgroup/cgroup.subtree_control" in script
+    # As udev makes them: crun reads `update --resources -` from /dev/stdin.
+    assert "  $bb ln -sf /proc/self/fd /dev/fd" in lines
+    assert "  $bb ln -sf fd/0 /dev/stdin" in lines and "  $bb ln -sf fd/2 /dev/stderr" in lines
     assert "  export A='b c'" in lines
     command = lines.index("  ( cd / && pytest -m cgroup )")
     assert lines[command + 1 : command + 3] == ["  status=$?", "  echo $status > /mnt/out/status"]
