@@ -10,6 +10,7 @@ Layout, relative to the guest's /usr:
 
     bin/python3, lib/python3.11/ (os.py is CPython's prefix landmark), lib/pyshim/
     sbin/crun, sbin/runc, bin/busybox, bin/<applet> -> busybox, sbin/modprobe -> ../bin/busybox
+    sbin/criu, bin/ip, bin/tar, sbin/xtables-nft-multi (+ iptables links, lib/.../xtables/)
     lib/x86_64-linux-gnu/*.so*, lib64/ld-linux-x86-64.so.2 (as ldd found them on the host)
     lib/modules/<release>/ with modules.dep, modules.alias, modules.symbols
     share/pyshim/manifest.json
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from shim.sys.files import replace_file
+from shim.vm.guest import SYSTEM_PATH
 from shim.vm.kernel import INDEX_FILES, Kernel, write_module_index_to
 
 IMAGE_FORMAT = "erofs"
@@ -78,6 +80,17 @@ EXCLUDED = (
 # The agent's own imports, done for real too: modulefinder cannot see what an extension
 # module imports (a cffi module imports _cffi_backend), nor what CPython loads at startup.
 EXTRA_IMPORTS = ("shim.runtimes.runc",)
+# Checkpoints: CRIU (run by the OCI runtime's checkpoint and restore) and what it runs: ip and
+# iptables over nftables to save, lock and restore a network namespace (`ip addr save`, and
+# iptables-restore with its plug-ins), GNU tar for a tmpfs's content (busybox's lacks its
+# options). Taken where the host has them; a guest without criu fails a checkpoint saying so.
+CRIU_TOOLS = {
+    "sbin/criu": "criu",
+    "bin/ip": "ip",
+    "sbin/xtables-nft-multi": "xtables-nft-multi",
+    "bin/tar": "tar",
+}
+XTABLES_NAMES = tuple(f"{f}tables{s}" for f in ("ip", "ip6") for s in ("", "-save", "-restore"))
 
 
 class MissingTool(FileNotFoundError):
@@ -194,10 +207,15 @@ def _plan(
         **{f"sbin/{name}": binary for name, binary in runtime_files.items()},
         "bin/busybox": Path(os.path.realpath(busybox)),
     }
+    tools = {dest: shutil.which(name, path=SYSTEM_PATH) for dest, name in CRIU_TOOLS.items()}
+    files.update({dest: Path(os.path.realpath(f)) for dest, f in tools.items() if f})
+    if "sbin/xtables-nft-multi" in files:
+        files.update(_xtables_extensions(files["sbin/xtables-nft-multi"]))
     closure = _closure(python, cache_dir)
     files.update(_module_files(closure))
     roots = [Path(p) for p in closure["path"] if p]
     elves = [files["bin/python3"], *runtime_files.values(), files["bin/busybox"]]
+    elves += [files[dest] for dest in CRIU_TOOLS if dest in files]
     elves += sorted(source for dest, source in files.items() if dest.endswith(".so"))
     for dependency in sorted({d for deps in ldd(elves).values() for d in deps}):
         files.setdefault(library_destination(dependency, roots), Path(os.path.realpath(dependency)))
@@ -205,8 +223,21 @@ def _plan(
         [str(busybox), "--list"], check=True, capture_output=True, text=True
     ).stdout.split()
     symlinks = {"sbin/modprobe": "../bin/busybox"}
+    if "sbin/xtables-nft-multi" in files:
+        symlinks.update({f"sbin/{name}": "xtables-nft-multi" for name in XTABLES_NAMES})
     symlinks.update(applet_links(applets, files))
     return _Plan(files, symlinks, kernel)
+
+
+def _xtables_extensions(xtables: Path) -> dict[str, Path]:
+    """iptables' match and target plug-ins (CRIU locks a network namespace with `-m mark`),
+    from the directory beside the libxtables that `xtables` links."""
+    libraries = ldd([xtables])[xtables]
+    found = [lib for lib in libraries if lib.name.startswith("libxtables.")]
+    if not found:
+        return {}
+    directory = Path(os.path.realpath(found[0])).parent / "xtables"
+    return {library_destination(so): so for so in sorted(directory.glob("*.so"))}
 
 
 def _runtime_files(given: Mapping[str, Path] | None) -> dict[str, Path]:
