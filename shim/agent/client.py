@@ -87,11 +87,21 @@ class AgentClient:
         await self._call("SetupGuest", request, Empty)
 
     async def create_container(
-        self, container_id: str, spec: dict[str, Any], rootfs: str, stdio: api.Stdio
+        self,
+        container_id: str,
+        spec: dict[str, Any],
+        rootfs: str,
+        stdio: api.Stdio,
+        checkpoint: str = "",
     ) -> int:
-        """The init's guest pid; the container waits for start_container."""
+        """The init's guest pid; the container waits for start_container. With `checkpoint`
+        (an image's directory in the guest), start_container restores it and the pid is 0."""
         request = api.CreateContainerRequest(
-            container_id=container_id, spec=json.dumps(spec).encode(), rootfs=rootfs, stdio=stdio
+            container_id=container_id,
+            spec=json.dumps(spec).encode(),
+            rootfs=rootfs,
+            stdio=stdio,
+            checkpoint=checkpoint,
         )
         return (await self._call("CreateContainer", request, api.ProcessResponse)).pid
 
@@ -172,6 +182,17 @@ class AgentClient:
     async def list_pids(self, container_id: str) -> list[api.ProcessPid]:
         request = _container(container_id)
         return list((await self._call("ListPids", request, api.ListPidsResponse)).processes)
+
+    async def checkpoint_container(
+        self, container_id: str, image_path: str, options: Any | None = None, log_path: str = ""
+    ) -> None:
+        """CRIU's image of the container into `image_path` (a guest directory); `options`: a
+        google.protobuf.Any of containerd.runc.v1.CheckpointOptions; CRIU's log copied to
+        `log_path` if it fails."""
+        request = api.CheckpointContainerRequest(
+            container_id=container_id, image_path=image_path, options=options, log_path=log_path
+        )
+        await self._call("CheckpointContainer", request, Empty)
 
     async def remove_process(self, container_id: str, exec_id: str) -> None:
         await self._call("RemoveProcess", _process(container_id, exec_id), Empty)

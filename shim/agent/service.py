@@ -20,12 +20,14 @@ from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from shim.agent.criu import CriuModules
 from shim.agent.oom import OomLog
 from shim.agent.process import AgentProcess
 from shim.agent.stdio import OutputStream, ProcessStreams
 from shim.api.agent.v1 import agent_pb2 as api
 from shim.api.runc.options_pb2 import Options as RuncOptionsProto
-from shim.runtimes.base import ContainerConfig, Launched
+from shim.runtimes.base import CheckpointRequest, ContainerConfig, Launched
+from shim.runtimes.criu import KEPT_DUMP_LOG
 from shim.runtimes.runc import OPTIONS_URL, RuncRuntime
 from shim.sys.oom import OomWatcher
 from shim.task.container import ContainerRecord, check_new_container
@@ -49,6 +51,7 @@ class AgentService:
         self, runtime: RuncRuntime, state_dir: str, runc_options: RuncOptionsProto
     ) -> None:
         self._runtime = runtime
+        self._criu = CriuModules(runtime.context.reaper)
         self._state_dir = state_dir
         self._options = AnyProto(type_url=OPTIONS_URL, value=runc_options.SerializeToString())
         self._containers: dict[str, AgentContainer] = {}
@@ -120,6 +123,7 @@ class AgentService:
             spec.setdefault("root", {})["path"] = request.rootfs
         bundle = os.path.join(self._state_dir, request.container_id)
         os.makedirs(bundle, mode=0o700)
+        os.mkdir(os.path.join(bundle, "work"))  # as in containerd's bundles: CRIU works there
         streams = ProcessStreams(request.container_id, request.stdio)
         try:
             with open(os.path.join(bundle, "config.json"), "w") as f:
@@ -129,6 +133,7 @@ class AgentService:
                 bundle=bundle,
                 stdio=streams.runtime_stdio,
                 options=self._options,
+                checkpoint=request.checkpoint,
             )
             backend = self._runtime.container(config)
             try:
@@ -141,10 +146,10 @@ class AgentService:
             streams.close()
             shutil.rmtree(bundle, ignore_errors=True)
             raise
-        assert launched is not None  # deferred only when restoring a checkpoint
         init = AgentProcess(request.container_id, "", streams)
         container = AgentContainer(request.container_id, bundle, backend, init)
-        self._track(container, init, launched)
+        if launched is not None:  # else a restore, which StartContainer does
+            self._track(container, init, launched)
         init.status = Status.CREATED  # launched, but user code waits for the start
         return container
 
@@ -153,7 +158,10 @@ class AgentService:
         init = container.init
         async with init.lock:
             init.require("start", Status.CREATED)
-            await container.backend.start()
+            if init.pid:  # else created for a restore: nothing runs yet
+                await container.backend.start()
+            else:
+                self._track(container, init, await self._restore(container))
             init.status = Status.RUNNING
         container.watch_cgroup_oom(self._oom)
         return Empty()
@@ -252,6 +260,33 @@ class AgentService:
             ]
         )
 
+    async def CheckpointContainer(
+        self, request: api.CheckpointContainerRequest, ctx: CallContext
+    ) -> Any:
+        container = self._container(request.container_id)
+        container.init.require("checkpoint", Status.RUNNING, Status.PAUSED)
+        if not request.image_path:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "no image path to checkpoint into")
+        await self._criu.ensure()
+        options = request.options if request.HasField("options") else None
+        try:
+            await container.backend.checkpoint(CheckpointRequest(request.image_path, options))
+        except TtrpcError as exc:
+            if request.log_path:  # the runc backend kept it in the bundle, out of the host's sight
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(os.path.join(container.bundle, KEPT_DUMP_LOG), request.log_path)
+            raise _without_criu(exc) from None
+        return Empty()
+
+    async def _restore(self, container: AgentContainer) -> Launched:
+        await self._criu.ensure()
+        try:
+            launched = await container.backend.start()
+        except TtrpcError as exc:
+            raise _without_criu(exc) from None
+        assert launched is not None  # a restore leaves the container's init behind
+        return launched
+
     async def RemoveProcess(self, request: api.ProcessRequest, ctx: CallContext) -> Any:
         container = self._container(request.container_id)
         if not request.exec_id:
@@ -316,6 +351,18 @@ class AgentService:
         self._oom.close()
         for watcher in list(self._watchers):
             watcher.cancel()
+
+
+def _without_criu(exc: TtrpcError) -> TtrpcError:
+    """A runtime without checkpoint and restore (crun built without CRIU, as Debian's 1.8.1)
+    is the setup's problem, and says which runtime has them; any other error as it is."""
+    if "unknown command" not in exc.message:
+        return exc
+    return TtrpcError(
+        Code.FAILED_PRECONDITION,
+        f"the guest's OCI runtime cannot checkpoint or restore ({exc.message}):"
+        ' it needs runc ([vm] guest_runtime = "runc")',
+    )
 
 
 async def _read(

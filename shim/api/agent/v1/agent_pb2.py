@@ -27,7 +27,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpyshim/agent/v1/agent.proto\x12\x0fpyshim.agent.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0e\n\x0c\x43heckRequest\"\xc1\x01\n\x11SetupGuestRequest\x12\x13\n\x0brandom_seed\x18\x01 \x01(\x0c\x12\x12\n\nmachine_id\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nshared_tag\x18\x05 \x01(\t\x12\x13\n\x0bshared_path\x18\x06 \x01(\t\x12\r\n\x05\x64\x65\x62ug\x18\x07 \x01(\x08\x12\x0f\n\x07nic_mac\x18\x08 \x01(\t\"!\n\rCheckResponse\x12\x10\n\x08instance\x18\x01 \x01(\t\"H\n\x05Stdio\x12\r\n\x05stdin\x18\x01 \x01(\x08\x12\x0e\n\x06stdout\x18\x02 \x01(\x08\x12\x0e\n\x06stderr\x18\x03 \x01(\x08\x12\x10\n\x08terminal\x18\x04 \x01(\x08\"s\n\x16\x43reateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\x0c\x12\x0e\n\x06rootfs\x18\x03 \x01(\t\x12%\n\x05stdio\x18\x04 \x01(\x0b\x32\x16.pyshim.agent.v1.Stdio\"(\n\x10\x43ontainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"7\n\x0eProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"\x1e\n\x0fProcessResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\"s\n\x12\x45xecProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0f\n\x07process\x18\x03 \x01(\x0c\x12%\n\x05stdio\x18\x04 \x01(\x0b\x32\x16.pyshim.agent.v1.Stdio\"Z\n\x14SignalProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"o\n\x13WaitProcessResponse\x12\x13\n\x0b\x65xit_status\x18\x01 \x01(\r\x12-\n\texited_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0coom_sequence\x18\x03 \x01(\x04\"]\n\x11ReadStreamRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tmax_bytes\x18\x04 \x01(\r\"\"\n\x12ReadStreamResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"X\n\x11WriteStdinRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"%\n\x12WriteStdinResponse\x12\x0f\n\x07written\x18\x01 \x01(\x04\"[\n\x13TtyWinResizeRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x04 \x01(\r\"=\n\x16StatsContainerResponse\x12#\n\x05stats\x18\x01 \x01(\x0b\x32\x14.google.protobuf.Any\"A\n\x16UpdateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x11\n\tresources\x18\x02 \x01(\x0c\"*\n\nProcessPid\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"B\n\x10ListPidsResponse\x12.\n\tprocesses\x18\x01 \x03(\x0b\x32\x1b.pyshim.agent.v1.ProcessPid\"\x1f\n\x0eWaitOomRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x04\"9\n\x0fWaitOomResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\"F\n\tInterface\x12\x0b\n\x03mac\x18\x01 \x01(\t\x12\x0b\n\x03mtu\x18\x02 \x01(\r\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\"G\n\x16UpdateInterfaceRequest\x12-\n\tinterface\x18\x01 \x01(\x0b\x32\x1a.pyshim.agent.v1.Interface\"L\n\x05Route\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07gateway\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\r\n\x05scope\x18\x04 \x01(\r\"J\n\x13UpdateRoutesRequest\x12\x0b\n\x03mac\x18\x01 \x01(\t\x12&\n\x06routes\x18\x02 \x03(\x0b\x32\x16.pyshim.agent.v1.Route2\x81\x0e\n\x05\x41gent\x12\x46\n\x05\x43heck\x12\x1d.pyshim.agent.v1.CheckRequest\x1a\x1e.pyshim.agent.v1.CheckResponse\x12H\n\nSetupGuest\x12\".pyshim.agent.v1.SetupGuestRequest\x1a\x16.google.protobuf.Empty\x12\\\n\x0f\x43reateContainer\x12\'.pyshim.agent.v1.CreateContainerRequest\x1a .pyshim.agent.v1.ProcessResponse\x12K\n\x0eStartContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\x16.google.protobuf.Empty\x12T\n\x0b\x45xecProcess\x12#.pyshim.agent.v1.ExecProcessRequest\x1a .pyshim.agent.v1.ProcessResponse\x12N\n\rSignalProcess\x12%.pyshim.agent.v1.SignalProcessRequest\x1a\x16.google.protobuf.Empty\x12T\n\x0bWaitProcess\x12\x1f.pyshim.agent.v1.ProcessRequest\x1a$.pyshim.agent.v1.WaitProcessResponse\x12U\n\nReadStdout\x12\".pyshim.agent.v1.ReadStreamRequest\x1a#.pyshim.agent.v1.ReadStreamResponse\x12U\n\nReadStderr\x12\".pyshim.agent.v1.ReadStreamRequest\x1a#.pyshim.agent.v1.ReadStreamResponse\x12U\n\nWriteStdin\x12\".pyshim.agent.v1.WriteStdinRequest\x1a#.pyshim.agent.v1.WriteStdinResponse\x12\x45\n\nCloseStdin\x12\x1f.pyshim.agent.v1.ProcessRequest\x1a\x16.google.protobuf.Empty\x12L\n\x0cTtyWinResize\x12$.pyshim.agent.v1.TtyWinResizeRequest\x1a\x16.google.protobuf.Empty\x12K\n\x0ePauseContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\x16.google.protobuf.Empty\x12L\n\x0fResumeContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\x16.google.protobuf.Empty\x12\\\n\x0eStatsContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\'.pyshim.agent.v1.StatsContainerResponse\x12R\n\x0fUpdateContainer\x12\'.pyshim.agent.v1.UpdateContainerRequest\x1a\x16.google.protobuf.Empty\x12P\n\x08ListPids\x12!.pyshim.agent.v1.ContainerRequest\x1a!.pyshim.agent.v1.ListPidsResponse\x12H\n\rRemoveProcess\x12\x1f.pyshim.agent.v1.ProcessRequest\x1a\x16.google.protobuf.Empty\x12L\n\x0fRemoveContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\x16.google.protobuf.Empty\x12L\n\x07WaitOom\x12\x1f.pyshim.agent.v1.WaitOomRequest\x1a .pyshim.agent.v1.WaitOomResponse\x12R\n\x0fUpdateInterface\x12\'.pyshim.agent.v1.UpdateInterfaceRequest\x1a\x16.google.protobuf.Empty\x12L\n\x0cUpdateRoutes\x12$.pyshim.agent.v1.UpdateRoutesRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpyshim/agent/v1/agent.proto\x12\x0fpyshim.agent.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0e\n\x0c\x43heckRequest\"\xc1\x01\n\x11SetupGuestRequest\x12\x13\n\x0brandom_seed\x18\x01 \x01(\x0c\x12\x12\n\nmachine_id\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nshared_tag\x18\x05 \x01(\t\x12\x13\n\x0bshared_path\x18\x06 \x01(\t\x12\r\n\x05\x64\x65\x62ug\x18\x07 \x01(\x08\x12\x0f\n\x07nic_mac\x18\x08 \x01(\t\"!\n\rCheckResponse\x12\x10\n\x08instance\x18\x01 \x01(\t\"H\n\x05Stdio\x12\r\n\x05stdin\x18\x01 \x01(\x08\x12\x0e\n\x06stdout\x18\x02 \x01(\x08\x12\x0e\n\x06stderr\x18\x03 \x01(\x08\x12\x10\n\x08terminal\x18\x04 \x01(\x08\"\x87\x01\n\x16\x43reateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\x0c\x12\x0e\n\x06rootfs\x18\x03 \x01(\t\x12%\n\x05stdio\x18\x04 \x01(\x0b\x32\x16.pyshim.agent.v1.Stdio\x12\x12\n\ncheckpoint\x18\x05 \x01(\t\"(\n\x10\x43ontainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"7\n\x0eProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"\x1e\n\x0fProcessResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\"s\n\x12\x45xecProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0f\n\x07process\x18\x03 \x01(\x0c\x12%\n\x05stdio\x18\x04 \x01(\x0b\x32\x16.pyshim.agent.v1.Stdio\"Z\n\x14SignalProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"o\n\x13WaitProcessResponse\x12\x13\n\x0b\x65xit_status\x18\x01 \x01(\r\x12-\n\texited_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0coom_sequence\x18\x03 \x01(\x04\"]\n\x11ReadStreamRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tmax_bytes\x18\x04 \x01(\r\"\"\n\x12ReadStreamResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"X\n\x11WriteStdinRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"%\n\x12WriteStdinResponse\x12\x0f\n\x07written\x18\x01 \x01(\x04\"[\n\x13TtyWinResizeRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x04 \x01(\r\"\x7f\n\x1a\x43heckpointContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x12\n\nimage_path\x18\x02 \x01(\t\x12%\n\x07options\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x10\n\x08log_path\x18\x04 \x01(\t\"=\n\x16StatsContainerResponse\x12#\n\x05stats\x18\x01 \x01(\x0b\x32\x14.google.protobuf.Any\"A\n\x16UpdateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x11\n\tresources\x18\x02 \x01(\x0c\"*\n\nProcessPid\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"B\n\x10ListPidsResponse\x12.\n\tprocesses\x18\x01 \x03(\x0b\x32\x1b.pyshim.agent.v1.ProcessPid\"\x1f\n\x0eWaitOomRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x04\"9\n\x0fWaitOomResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\"F\n\tInterface\x12\x0b\n\x03mac\x18\x01 \x01(\t\x12\x0b\n\x03mtu\x18\x02 \x01(\r\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\"G\n\x16UpdateInterfaceRequest\x12-\n\tinterface\x18\x01 \x01(\x0b\x32\x1a.pyshim.agent.v1.Interface\"L\n\x05Route\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07gateway\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\r\n\x05scope\x18\x04 \x01(\r\"J\n\x13UpdateRoutesRequest\x12\x0b\n\x03mac\x18\x01 \x01(\t\x12&\n\x06routes\x18\x02 \x03(\x0b\x32\x16.pyshim.agent.v1.Route2\xdd\x0e\n\x05\x41gent\x12\x46\n\x05\x43heck\x12\x1d.pyshim.agent.v1.CheckRequest\x1a\x1e.pyshim.agent.v1.CheckResponse\x12H\n\nSetupGuest\x12\".pyshim.agent.v1.SetupGuestRequest\x1a\x16.google.protobuf.Empty\x12\\\n\x0f\x43reateContainer\x12\'.pyshim.agent.v1.CreateContainerRequest\x1a .pyshim.agent.v1.ProcessResponse\x12K\n\x0eStartContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\x16.google.protobuf.Empty\x12T\n\x0b\x45xecProcess\x12#.pyshim.agent.v1.ExecProcessRequest\x1a .pyshim.agent.v1.ProcessResponse\x12N\n\rSignalProcess\x12%.pyshim.agent.v1.SignalProcessRequest\x1a\x16.google.protobuf.Empty\x12T\n\x0bWaitProcess\x12\x1f.pyshim.agent.v1.ProcessRequest\x1a$.pyshim.agent.v1.WaitProcessResponse\x12U\n\nReadStdout\x12\".pyshim.agent.v1.ReadStreamRequest\x1a#.pyshim.agent.v1.ReadStreamResponse\x12U\n\nReadStderr\x12\".pyshim.agent.v1.ReadStreamRequest\x1a#.pyshim.agent.v1.ReadStreamResponse\x12U\n\nWriteStdin\x12\".pyshim.agent.v1.WriteStdinRequest\x1a#.pyshim.agent.v1.WriteStdinResponse\x12\x45\n\nCloseStdin\x12\x1f.pyshim.agent.v1.ProcessRequest\x1a\x16.google.protobuf.Empty\x12L\n\x0cTtyWinResize\x12$.pyshim.agent.v1.TtyWinResizeRequest\x1a\x16.google.protobuf.Empty\x12K\n\x0ePauseContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\x16.google.protobuf.Empty\x12L\n\x0fResumeContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\x16.google.protobuf.Empty\x12\\\n\x0eStatsContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\'.pyshim.agent.v1.StatsContainerResponse\x12R\n\x0fUpdateContainer\x12\'.pyshim.agent.v1.UpdateContainerRequest\x1a\x16.google.protobuf.Empty\x12P\n\x08ListPids\x12!.pyshim.agent.v1.ContainerRequest\x1a!.pyshim.agent.v1.ListPidsResponse\x12Z\n\x13\x43heckpointContainer\x12+.pyshim.agent.v1.CheckpointContainerRequest\x1a\x16.google.protobuf.Empty\x12H\n\rRemoveProcess\x12\x1f.pyshim.agent.v1.ProcessRequest\x1a\x16.google.protobuf.Empty\x12L\n\x0fRemoveContainer\x12!.pyshim.agent.v1.ContainerRequest\x1a\x16.google.protobuf.Empty\x12L\n\x07WaitOom\x12\x1f.pyshim.agent.v1.WaitOomRequest\x1a .pyshim.agent.v1.WaitOomResponse\x12R\n\x0fUpdateInterface\x12\'.pyshim.agent.v1.UpdateInterfaceRequest\x1a\x16.google.protobuf.Empty\x12L\n\x0cUpdateRoutes\x12$.pyshim.agent.v1.UpdateRoutesRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,50 +42,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKRESPONSE']._serialized_end=382
   _globals['_STDIO']._serialized_start=384
   _globals['_STDIO']._serialized_end=456
-  _globals['_CREATECONTAINERREQUEST']._serialized_start=458
-  _globals['_CREATECONTAINERREQUEST']._serialized_end=573
-  _globals['_CONTAINERREQUEST']._serialized_start=575
-  _globals['_CONTAINERREQUEST']._serialized_end=615
-  _globals['_PROCESSREQUEST']._serialized_start=617
-  _globals['_PROCESSREQUEST']._serialized_end=672
-  _globals['_PROCESSRESPONSE']._serialized_start=674
-  _globals['_PROCESSRESPONSE']._serialized_end=704
-  _globals['_EXECPROCESSREQUEST']._serialized_start=706
-  _globals['_EXECPROCESSREQUEST']._serialized_end=821
-  _globals['_SIGNALPROCESSREQUEST']._serialized_start=823
-  _globals['_SIGNALPROCESSREQUEST']._serialized_end=913
-  _globals['_WAITPROCESSRESPONSE']._serialized_start=915
-  _globals['_WAITPROCESSRESPONSE']._serialized_end=1026
-  _globals['_READSTREAMREQUEST']._serialized_start=1028
-  _globals['_READSTREAMREQUEST']._serialized_end=1121
-  _globals['_READSTREAMRESPONSE']._serialized_start=1123
-  _globals['_READSTREAMRESPONSE']._serialized_end=1157
-  _globals['_WRITESTDINREQUEST']._serialized_start=1159
-  _globals['_WRITESTDINREQUEST']._serialized_end=1247
-  _globals['_WRITESTDINRESPONSE']._serialized_start=1249
-  _globals['_WRITESTDINRESPONSE']._serialized_end=1286
-  _globals['_TTYWINRESIZEREQUEST']._serialized_start=1288
-  _globals['_TTYWINRESIZEREQUEST']._serialized_end=1379
-  _globals['_STATSCONTAINERRESPONSE']._serialized_start=1381
-  _globals['_STATSCONTAINERRESPONSE']._serialized_end=1442
-  _globals['_UPDATECONTAINERREQUEST']._serialized_start=1444
-  _globals['_UPDATECONTAINERREQUEST']._serialized_end=1509
-  _globals['_PROCESSPID']._serialized_start=1511
-  _globals['_PROCESSPID']._serialized_end=1553
-  _globals['_LISTPIDSRESPONSE']._serialized_start=1555
-  _globals['_LISTPIDSRESPONSE']._serialized_end=1621
-  _globals['_WAITOOMREQUEST']._serialized_start=1623
-  _globals['_WAITOOMREQUEST']._serialized_end=1654
-  _globals['_WAITOOMRESPONSE']._serialized_start=1656
-  _globals['_WAITOOMRESPONSE']._serialized_end=1713
-  _globals['_INTERFACE']._serialized_start=1715
-  _globals['_INTERFACE']._serialized_end=1785
-  _globals['_UPDATEINTERFACEREQUEST']._serialized_start=1787
-  _globals['_UPDATEINTERFACEREQUEST']._serialized_end=1858
-  _globals['_ROUTE']._serialized_start=1860
-  _globals['_ROUTE']._serialized_end=1936
-  _globals['_UPDATEROUTESREQUEST']._serialized_start=1938
-  _globals['_UPDATEROUTESREQUEST']._serialized_end=2012
-  _globals['_AGENT']._serialized_start=2015
-  _globals['_AGENT']._serialized_end=3808
+  _globals['_CREATECONTAINERREQUEST']._serialized_start=459
+  _globals['_CREATECONTAINERREQUEST']._serialized_end=594
+  _globals['_CONTAINERREQUEST']._serialized_start=596
+  _globals['_CONTAINERREQUEST']._serialized_end=636
+  _globals['_PROCESSREQUEST']._serialized_start=638
+  _globals['_PROCESSREQUEST']._serialized_end=693
+  _globals['_PROCESSRESPONSE']._serialized_start=695
+  _globals['_PROCESSRESPONSE']._serialized_end=725
+  _globals['_EXECPROCESSREQUEST']._serialized_start=727
+  _globals['_EXECPROCESSREQUEST']._serialized_end=842
+  _globals['_SIGNALPROCESSREQUEST']._serialized_start=844
+  _globals['_SIGNALPROCESSREQUEST']._serialized_end=934
+  _globals['_WAITPROCESSRESPONSE']._serialized_start=936
+  _globals['_WAITPROCESSRESPONSE']._serialized_end=1047
+  _globals['_READSTREAMREQUEST']._serialized_start=1049
+  _globals['_READSTREAMREQUEST']._serialized_end=1142
+  _globals['_READSTREAMRESPONSE']._serialized_start=1144
+  _globals['_READSTREAMRESPONSE']._serialized_end=1178
+  _globals['_WRITESTDINREQUEST']._serialized_start=1180
+  _globals['_WRITESTDINREQUEST']._serialized_end=1268
+  _globals['_WRITESTDINRESPONSE']._serialized_start=1270
+  _globals['_WRITESTDINRESPONSE']._serialized_end=1307
+  _globals['_TTYWINRESIZEREQUEST']._serialized_start=1309
+  _globals['_TTYWINRESIZEREQUEST']._serialized_end=1400
+  _globals['_CHECKPOINTCONTAINERREQUEST']._serialized_start=1402
+  _globals['_CHECKPOINTCONTAINERREQUEST']._serialized_end=1529
+  _globals['_STATSCONTAINERRESPONSE']._serialized_start=1531
+  _globals['_STATSCONTAINERRESPONSE']._serialized_end=1592
+  _globals['_UPDATECONTAINERREQUEST']._serialized_start=1594
+  _globals['_UPDATECONTAINERREQUEST']._serialized_end=1659
+  _globals['_PROCESSPID']._serialized_start=1661
+  _globals['_PROCESSPID']._serialized_end=1703
+  _globals['_LISTPIDSRESPONSE']._serialized_start=1705
+  _globals['_LISTPIDSRESPONSE']._serialized_end=1771
+  _globals['_WAITOOMREQUEST']._serialized_start=1773
+  _globals['_WAITOOMREQUEST']._serialized_end=1804
+  _globals['_WAITOOMRESPONSE']._serialized_start=1806
+  _globals['_WAITOOMRESPONSE']._serialized_end=1863
+  _globals['_INTERFACE']._serialized_start=1865
+  _globals['_INTERFACE']._serialized_end=1935
+  _globals['_UPDATEINTERFACEREQUEST']._serialized_start=1937
+  _globals['_UPDATEINTERFACEREQUEST']._serialized_end=2008
+  _globals['_ROUTE']._serialized_start=2010
+  _globals['_ROUTE']._serialized_end=2086
+  _globals['_UPDATEROUTESREQUEST']._serialized_start=2088
+  _globals['_UPDATEROUTESREQUEST']._serialized_end=2162
+  _globals['_AGENT']._serialized_start=2165
+  _globals['_AGENT']._serialized_end=4050
 # @@protoc_insertion_point(module_scope)

@@ -54,16 +54,18 @@ class Stdio(_message.Message):
     def __init__(self, stdin: bool = ..., stdout: bool = ..., stderr: bool = ..., terminal: bool = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("container_id", "spec", "rootfs", "stdio")
+    __slots__ = ("container_id", "spec", "rootfs", "stdio", "checkpoint")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     ROOTFS_FIELD_NUMBER: _ClassVar[int]
     STDIO_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     spec: bytes
     rootfs: str
     stdio: Stdio
-    def __init__(self, container_id: _Optional[str] = ..., spec: _Optional[bytes] = ..., rootfs: _Optional[str] = ..., stdio: _Optional[_Union[Stdio, _Mapping]] = ...) -> None: ...
+    checkpoint: str
+    def __init__(self, container_id: _Optional[str] = ..., spec: _Optional[bytes] = ..., rootfs: _Optional[str] = ..., stdio: _Optional[_Union[Stdio, _Mapping]] = ..., checkpoint: _Optional[str] = ...) -> None: ...
 
 class ContainerRequest(_message.Message):
     __slots__ = ("container_id",)
@@ -166,6 +168,18 @@ class TtyWinResizeRequest(_message.Message):
     rows: int
     columns: int
     def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ...) -> None: ...
+
+class CheckpointContainerRequest(_message.Message):
+    __slots__ = ("container_id", "image_path", "options", "log_path")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_PATH_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    LOG_PATH_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    image_path: str
+    options: _any_pb2.Any
+    log_path: str
+    def __init__(self, container_id: _Optional[str] = ..., image_path: _Optional[str] = ..., options: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., log_path: _Optional[str] = ...) -> None: ...
 
 class StatsContainerResponse(_message.Message):
     __slots__ = ("stats",)
