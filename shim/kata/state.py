@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,13 @@ log = logging.getLogger(__name__)
 BASE_DIR = Path("/run/pyshim/kata")
 VM_FILE = "kata-vm"  # in a bundle: its VM's directory
 KILL_WAIT = 3.0  # QEMU ends at once on SIGKILL; `delete` has 5 s in all
+# Under a container's shared directory: a checkpoint image's directory, bound from where
+# containerd keeps it, while the guest writes it (checkpoint) or reads it (restore).
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_IMAGE = f"{CHECKPOINT_DIR}/image"
+CHECKPOINT_LOG = f"{CHECKPOINT_DIR}/criu-dump.log"  # CRIU's log, from a failed checkpoint
+BUNDLE_CHECKPOINT_LOG = "criu-dump.log"  # where containerd's runc shim keeps it too
+LOG_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,9 @@ class VmPaths:
     def staging_dir(self, container_id: str) -> Path:
         return self.staging / container_id
 
+    def checkpoint_staging_dir(self, container_id: str) -> Path:
+        return self.staging / f"{container_id}@checkpoint"  # "@" is in no container id
+
 
 def record_vm(bundle: str, paths: VmPaths) -> None:
     Path(bundle, VM_FILE).write_text(str(paths.root))
@@ -96,6 +107,30 @@ def unshare_container(paths: VmPaths, container_id: str) -> None:
     go) and remove its shared directory."""
     _remove_unmounted(paths.container_dir(container_id))
     _remove_unmounted(paths.staging_dir(container_id))  # a share that failed half-way
+
+
+def unshare_checkpoint(paths: VmPaths, container_id: str) -> None:
+    """Detach and remove the checkpoint image's directory a checkpoint shared."""
+    _remove_unmounted(paths.container_dir(container_id) / CHECKPOINT_DIR)
+    _remove_unmounted(paths.checkpoint_staging_dir(container_id))
+
+
+def keep_checkpoint_log(paths: VmPaths, container_id: str, bundle: str) -> str | None:
+    """The log of a failed checkpoint, which the guest wrote into the shared directory, copied
+    into the bundle (read without following a symlink: the guest made it); its path, or None."""
+    source = paths.container_dir(container_id) / CHECKPOINT_LOG
+    target = os.path.join(bundle, BUNDLE_CHECKPOINT_LOG)
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            content = f.read(LOG_LIMIT)
+        with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+            out.write(content)
+    except OSError:
+        return None
+    return target
 
 
 def qemu_pid(paths: VmPaths) -> int:

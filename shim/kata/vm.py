@@ -36,8 +36,16 @@ from shim.kata.boot import (
     restore,
 )
 from shim.kata.config import KataConfig, VmSize
-from shim.kata.guestspec import SHARED_IN_GUEST, Submount
-from shim.kata.state import BASE_DIR, VmPaths, remove_vm_dir, unshare_container
+from shim.kata.guestspec import SHARED_IN_GUEST, Submount, container_dir_in_guest
+from shim.kata.state import (
+    BASE_DIR,
+    CHECKPOINT_DIR,
+    CHECKPOINT_IMAGE,
+    VmPaths,
+    remove_vm_dir,
+    unshare_checkpoint,
+    unshare_container,
+)
 from shim.runtimes.base import ShimContext
 from shim.sys.mount import MountSpec, mount_rootfs, mount_table
 from shim.sys.reaper import Exit
@@ -336,6 +344,21 @@ class Vm:
                 Code.UNKNOWN, f"cannot share {container_id} with the VM: {exc}"
             ) from exc
         return submounts
+
+    def share_checkpoint(self, container_id: str, image_dir: str) -> str:
+        """Bind `image_dir` (where a checkpoint's image is to go) into the container's shared
+        directory, built out of the guest's sight and moved in whole as in `share`; its path
+        in the guest. unshare_checkpoint undoes it."""
+        staging = self.paths.checkpoint_staging_dir(container_id)
+        image = staging / Path(CHECKPOINT_IMAGE).relative_to(CHECKPOINT_DIR)
+        try:
+            image.mkdir(parents=True)
+            _bind(image_dir, image, recursive=False)
+            os.rename(staging, self.paths.container_dir(container_id) / CHECKPOINT_DIR)
+        except OSError as exc:
+            unshare_checkpoint(self.paths, container_id)
+            raise TtrpcError(Code.UNKNOWN, f"cannot share {image_dir} with the VM: {exc}") from exc
+        return f"{container_dir_in_guest(container_id)}/{CHECKPOINT_IMAGE}"
 
     # -- OOM events ----------------------------------------------------------------------------
 

@@ -35,17 +35,22 @@ from shim.kata.guestspec import (
 from shim.kata.network import HostNetworkRefused, vm_netns
 from shim.kata.relay import ProcessRelay
 from shim.kata.state import (
+    CHECKPOINT_IMAGE,
+    CHECKPOINT_LOG,
     VmPaths,
     destroy_dead_vm,
     has_containers,
+    keep_checkpoint_log,
     record_vm,
     recorded_vm,
+    unshare_checkpoint,
     unshare_container,
 )
 from shim.kata.vm import Vm, VmGone
 from shim.runtimes import oci
 from shim.runtimes.base import (
     INIT_PID_FILE,
+    CheckpointRequest,
     Container,
     ContainerConfig,
     Launched,
@@ -142,9 +147,10 @@ class KataContainer(Container):
         return self._vm
 
     async def create(self) -> Launched | None:
-        if self._config.checkpoint:
-            raise NotImplementedError("restore of a VM container")
+        """The container created in the guest; with a checkpoint, only prepared: start
+        restores it there (CRIU in the guest) from the image, shared with the VM."""
         bundle = self._config.bundle
+        checkpoint = self._config.checkpoint
         spec = oci.read_spec(bundle)
         if not spec:
             raise TtrpcError(Code.INVALID_ARGUMENT, "cannot read the OCI spec")
@@ -158,6 +164,8 @@ class KataContainer(Container):
             for i, m in enumerate(mounts)
             if is_bind(m)
         }
+        if checkpoint:
+            binds[CHECKPOINT_IMAGE] = (checkpoint, False)
         submounts = vm.share(self._id, rootfs, binds)
         sandbox = annotation(spec, SANDBOX_ID)
         guest = guest_spec(
@@ -169,15 +177,20 @@ class KataContainer(Container):
             submounts=submounts,
         )
         relay = ProcessRelay(vm.agent, self._id, "", self._config.stdio)
+        shared = container_dir_in_guest(self._id)
         try:
             self._runtime.guest_pids[self._id] = await vm.agent.create_container(
-                self._id, guest, f"{container_dir_in_guest(self._id)}/rootfs", relay.agent_stdio
+                self._id,
+                guest,
+                f"{shared}/rootfs",
+                relay.agent_stdio,
+                checkpoint=f"{shared}/{CHECKPOINT_IMAGE}" if checkpoint else "",
             )
         except BaseException:
             await relay.close()
             raise
         self._relays[""] = relay
-        return self._launched(vm, "", relay)
+        return None if checkpoint else self._launched(vm, "", relay)
 
     def _launched(self, vm: Vm, exec_id: str, relay: ProcessRelay) -> Launched:
         relay.start()
@@ -204,8 +217,9 @@ class KataContainer(Container):
         return Exit(vm.pid, VM_GONE_STATUS, time.time_ns())
 
     async def start(self) -> Launched | None:
-        await self._joined.agent.start_container(self._id)
-        return None
+        vm = self._joined
+        await vm.agent.start_container(self._id)
+        return self._launched(vm, "", self._relays[""]) if self._config.checkpoint else None
 
     async def exec(self, exec_id: str, process: Mapping[str, Any], stdio: ProcessStdio) -> Launched:
         vm = self._joined
@@ -260,6 +274,38 @@ class KataContainer(Container):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self._config.bundle, INIT_PID_FILE))
         await self._runtime.leave(self._id)
+
+    async def checkpoint(self, request: CheckpointRequest) -> None:
+        """CRIU's image written by the guest (the OCI runtime's checkpoint there) straight into
+        the directory containerd gives, bound into the VM's shared directory meanwhile."""
+        from google.protobuf.any_pb2 import Any as AnyProto
+
+        vm = self._joined
+        options = oci.checkpoint_options(request)
+        image = options.image_path or request.path
+        try:
+            os.makedirs(image, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"checkpoint path {image}: {exc}") from exc
+        if not os.access(image, os.W_OK):
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"checkpoint path {image} is not writable")
+        # The guest has its own work directory: host paths mean nothing there.
+        options.image_path = options.work_path = ""
+        in_guest = vm.share_checkpoint(self._id, image)
+        try:
+            await vm.agent.checkpoint_container(
+                self._id,
+                in_guest,
+                AnyProto(type_url=oci.CHECKPOINT_OPTIONS_URL, value=options.SerializeToString()),
+                log_path=f"{container_dir_in_guest(self._id)}/{CHECKPOINT_LOG}",
+            )
+        except TtrpcError as exc:
+            kept = keep_checkpoint_log(vm.paths, self._id, self._config.bundle)
+            if kept is None:
+                raise
+            raise TtrpcError(exc.code, f"{exc.message} path= {kept}") from None
+        finally:
+            unshare_checkpoint(vm.paths, self._id)
 
     async def pause(self) -> None:
         await self._joined.agent.pause_container(self._id)

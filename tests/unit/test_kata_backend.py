@@ -169,7 +169,7 @@ def test_a_failed_create_closes_the_relay(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(ProcessRelay, "close", close)
 
     class Agent:
-        async def create_container(self, *args: Any) -> int:
+        async def create_container(self, *args: Any, **kwargs: Any) -> int:
             raise TtrpcError(Code.INTERNAL, "no")
 
     async def scenario() -> None:
