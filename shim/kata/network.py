@@ -23,20 +23,18 @@ import os
 import socket
 import struct
 import sys
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from shim.api.agent.v1 import agent_pb2 as api
 from shim.runtimes.cri import is_pod_sandbox
 from shim.runtimes.spec import network_namespace
-from shim.sys.namespaces import CLONE_NEWNET, setns
+from shim.sys.namespaces import run_in_netns
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 TAP_NAME = "tap0_pyk"
 _TUNSETIFF = 0x400454CA
@@ -129,34 +127,6 @@ def ordered_routes(routes: Sequence[Route]) -> tuple[Route, ...]:
 
 
 # -- in the netns ----------------------------------------------------------------------------
-
-
-def run_in_netns(netns: str, function: Callable[[], T]) -> T:
-    """``function()`` in a new thread that joined the netns at path `netns` (the thread ends
-    with it, so no thread is ever left in a pod's netns). FileNotFoundError if it is gone."""
-    fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-    outcome: list[Any] = []
-
-    def work() -> None:
-        try:
-            try:
-                setns(fd, CLONE_NEWNET)
-            except OSError as exc:
-                raise OSError(exc.errno, f"setns {netns}: {exc.strerror}") from None
-            outcome.append((True, function()))
-        except BaseException as exc:  # handed to the caller
-            outcome.append((False, exc))
-
-    try:
-        thread = threading.Thread(target=work, name="netns", daemon=True)
-        thread.start()
-        thread.join()
-    finally:
-        os.close(fd)
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value  # type: ignore[no-any-return]
 
 
 def plumb(plumbing: Plumbing) -> Plumbed:

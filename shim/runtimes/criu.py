@@ -15,8 +15,9 @@ KEPT_DUMP_LOG = "criu-dump.log"  # the name containerd's runc shim gives its cop
 MAX_ERRORS = 3
 MAX_LOG_BYTES = 4 << 20  # CRIU's verbose log of a big process; its errors are near the end
 
-# "(00.012345) Error (criu/files-reg.c:1747): Can't ..." and the "pie" variant of a parasite.
-_ERROR = re.compile(r"^\(\s*[\d.]+\)\s+(?:\d+:\s+)?(Error \(.*)$")
+# "(00.012345) Error (criu/files-reg.c:1747): Can't ...", or with a task's pid ("1: Error"),
+# or a parasite's ("pie: 7: Error").
+_ERROR = re.compile(r"^\(\s*[\d.]+\)\s+(?:pie:\s+)?(?:\d+:\s+)?(Error \(.*)$")
 
 
 def log_errors(path: str) -> list[str]:

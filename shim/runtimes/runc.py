@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from shim.runtimes import criu, oci
-from shim.runtimes.base import CheckpointRequest, Container, ContainerConfig, Runtime
+from shim.runtimes.base import CheckpointRequest, Container, ContainerConfig, Launched, Runtime
 from shim.runtimes.oci import last_runtime_error
+from shim.runtimes.spec import network_namespace
+from shim.sys.loopback import bring_up_loopback
+from shim.sys.namespaces import run_in_netns
 from shim.sys.spawn import CommandResult
 from shim.ttrpc.errors import Code, TtrpcError
 
@@ -93,6 +96,18 @@ class RuncContainer(oci.OciCliContainer):
             detail = criu.describe_failure(message, criu.log_errors(log), kept)
             raise TtrpcError(Code.UNKNOWN, f"OCI runtime restore failed: {detail}")
         super()._raise_if_failed(operation, result)
+
+    async def start(self) -> Launched | None:
+        launched = await super().start()
+        if launched is not None and network_namespace(oci.read_spec(self._bundle)) == "":
+            # runc has CRIU restore a netns it made as an empty one ("runc doesn't manage
+            # network devices"): its loopback is down, where runc's create had brought it up.
+            netns = f"/proc/{launched.pid}/ns/net"
+            try:
+                run_in_netns(netns, bring_up_loopback)
+            except OSError as exc:
+                log.warning("restored container %s: loopback not brought up: %s", self._id, exc)
+        return launched
 
     async def stats(self) -> Any:
         from shim.sys.cgroups import Cgroup
