@@ -26,6 +26,7 @@ from typing import Any
 from shim.runtimes import oci
 from shim.runtimes.base import (
     INIT_PID_FILE,
+    CheckpointRequest,
     Container,
     ContainerConfig,
     Launched,
@@ -53,6 +54,14 @@ DELETE_TIMEOUT = 4.0  # containerd gives a shim's delete 5 s
 _REPORT_CHUNK = 65536
 # In a pod's pause bundle: the cgroup of every module container of the pod, one a line.
 POD_MODULES_FILE = "pywasm-modules"
+# Checked against wasmtime-py 51: Module.serialize saves compiled code only; a Store's
+# memories, globals and tables, and the native stack of a call in progress, have no save or
+# restore (Wizer, beside wasmtime, makes a module of an instance's state once its initializer
+# returned: not of a call that is running).
+NO_CHECKPOINT = (
+    "pywasm cannot checkpoint or restore: wasmtime has no way to save a running instance (its"
+    " memories, globals and the call in progress), only compiled modules"
+)
 
 
 def _load_spec(bundle: str) -> dict[str, Any]:
@@ -224,7 +233,7 @@ class WasmContainer(Container):
 
     async def create(self) -> Launched | None:
         if self._config.checkpoint:
-            raise NotImplementedError("restore of a wasm container")
+            raise NotImplementedError(NO_CHECKPOINT)
         self._spec = _load_spec(self._config.bundle)
         root = self._spec.get("root", {}).get("path") or "rootfs"
         self._rootfs = os.path.realpath(os.path.join(self._config.bundle, root))
@@ -375,6 +384,9 @@ class WasmContainer(Container):
 
     async def resume(self) -> None:
         await self._require_cgroup().set_frozen(False)
+
+    async def checkpoint(self, request: CheckpointRequest) -> None:
+        raise NotImplementedError(NO_CHECKPOINT)
 
     async def pids(self) -> Sequence[int]:
         return self._require_cgroup().pids()

@@ -13,10 +13,12 @@ import pytest
 from cgroup_support import (
     UPDATE,
     assert_real_metrics,
+    call_shim,
     host_cgroup_version,
     limits_after_update,
     update_task,
 )
+from google.protobuf.empty_pb2 import Empty
 from harness import (
     DEFAULT_VERSION,
     EXEC_THEN_KILL_TOPICS,
@@ -26,6 +28,9 @@ from harness import (
     wait_until,
 )
 from wasm_image import GREETING, IMAGE, build_image, wasm_build_unusable_reason
+
+from shim.api.task.v2 import shim_pb2 as api
+from shim.ttrpc.errors import Code, TtrpcError
 
 RUNTIME = "io.containerd.pywasm.v1"
 
@@ -349,3 +354,23 @@ def test_a_namespace_that_cannot_be_joined_fails_the_create_naming_it(
     assert f"{missing}: No such file or directory (errno 2)" in result.stderr, result.stderr
     assert containerd.task_status("nons") == "absent"
     containerd.ctr("containers", "delete", "nons", check=False)
+
+
+@pytest.mark.checkpoint
+def test_checkpoint_is_unimplemented_and_says_why(
+    containerd: PrivateContainerd, work: Path
+) -> None:
+    """wasmtime cannot save a running instance: Unimplemented with the reason, and the task
+    runs on (containerd paused it for the checkpoint and resumes it)."""
+    containerd.run_detached("ckpt", "/sleep.wasm", image=IMAGE)
+    try:
+        failed = containerd.ctr("tasks", "checkpoint", "ckpt", check=False)
+        assert failed.returncode != 0
+        assert "wasmtime has no way to save a running instance" in failed.stderr
+        assert containerd.task_status("ckpt") == "RUNNING"
+        request = api.CheckpointTaskRequest(id="ckpt", path=str(work / "image"))
+        with pytest.raises(TtrpcError) as unimplemented:  # the code, which ctr does not show
+            call_shim(containerd, "ckpt", "Checkpoint", request, Empty)
+        assert unimplemented.value.code == Code.UNIMPLEMENTED
+    finally:
+        containerd.kill_and_delete("ckpt")
