@@ -219,7 +219,10 @@ class KataContainer(Container):
     async def start(self) -> Launched | None:
         vm = self._joined
         await vm.agent.start_container(self._id)
-        return self._launched(vm, "", self._relays[""]) if self._config.checkpoint else None
+        if not self._config.checkpoint:
+            return None
+        unshare_checkpoint(vm.paths, self._id)  # restored: the place is free for a checkpoint
+        return self._launched(vm, "", self._relays[""])
 
     async def exec(self, exec_id: str, process: Mapping[str, Any], stdio: ProcessStdio) -> Launched:
         vm = self._joined

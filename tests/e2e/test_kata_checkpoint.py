@@ -86,30 +86,32 @@ def assert_no_vm_left(containerd: PrivateContainerd, name: str) -> None:
     assert wait_until(lambda: not containerd.shim_pids(), timeout=20), containerd.shim_pids()
 
 
-def test_restored_counter_goes_on_from_where_it_was(
+def test_restored_counter_goes_on_from_where_it_was_twice(
     containerd: PrivateContainerd, counter: str
 ) -> None:
-    ref = "localhost/pyshim-checkpoint/kata-counter:1"
+    """Checkpointed, restored, and the restored container checkpointed and restored again."""
     assert wait_until(lambda: count(containerd, counter) >= 20, timeout=60)
-    before = count(containerd, counter)
-    took = checkpoint(containerd, counter, ref)
-    assert_no_vm_left(containerd, counter)
-    try:
-        with removing_ctr_fifos(counter):
-            began = time.monotonic()
-            containerd.ctr("containers", "restore", "--live", "--rw", counter, ref, timeout=CRIU)
-            restored_in = time.monotonic() - began
-            try:
+    for round in (1, 2):
+        ref = f"localhost/pyshim-checkpoint/kata-counter:{round}"
+        before = count(containerd, counter)
+        took = checkpoint(containerd, counter, ref)
+        assert_no_vm_left(containerd, counter)
+        try:
+            with removing_ctr_fifos(counter):
+                began = time.monotonic()
+                containerd.ctr(
+                    "containers", "restore", "--live", "--rw", counter, ref, timeout=CRIU
+                )
+                restored_in = time.monotonic() - began
                 assert containerd.task_status(counter) == "RUNNING"
                 restored = count(containerd, counter)
                 # A counter started afresh would be back near 1.
                 assert restored >= before
-                assert wait_until(lambda: count(containerd, counter) > restored, timeout=30)
-            finally:
-                containerd.kill_and_delete(counter, check=False)
-    finally:
-        containerd.ctr("images", "rm", ref, check=False)
-    print(f"pykata checkpoint {took:.1f} s, restore {restored_in:.1f} s (ctr, TCG)")
+                assert wait_until(lambda r=restored: count(containerd, counter) > r, timeout=30)
+        finally:
+            containerd.ctr("images", "rm", ref, check=False)
+        print(f"pykata round {round}: checkpoint {took:.1f} s, restore {restored_in:.1f} s")
+    containerd.kill_and_delete(counter)
     assert_no_vm_left(containerd, counter)
 
 
