@@ -8,6 +8,7 @@ import json
 import os
 import signal
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any as AnyValue
@@ -19,7 +20,7 @@ from shim.api.cgroups.v1 import metrics_pb2 as v1
 from shim.api.cgroups.v2 import metrics_pb2 as v2
 from shim.api.runtimeoptions.v1.api_pb2 import Options
 from shim.runtimes import runsc, runsc_spec
-from shim.runtimes.base import ContainerConfig
+from shim.runtimes.base import CheckpointRequest, ContainerConfig
 from shim.runtimes.oci import last_runtime_error
 from shim.runtimes.runsc import (
     CONTAINER_TYPE,
@@ -431,6 +432,20 @@ def test_update_of_a_sub_container_without_runsc_update_is_unimplemented(
     assert raised.value.code == Code.UNIMPLEMENTED
     assert sandbox_cgroup.asked == []
     assert not any(sandbox_cgroup.directory.iterdir())
+
+
+def test_a_sub_container_is_neither_checkpointed_nor_restored_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """runsc would checkpoint (and stop) the whole pod, and cannot restore into a sandbox."""
+    cli = FakeRunsc()
+    sub_container = container(tmp_path, monkeypatch, cli, "app", APP_SPEC)
+    with pytest.raises(NotImplementedError, match="whole sandboxes"):
+        asyncio.run(sub_container.checkpoint(CheckpointRequest(path="/ck", options=None)))
+    sub_container._config = replace(sub_container._config, checkpoint="/ck")
+    with pytest.raises(NotImplementedError, match="restore of one container of the gVisor pod"):
+        asyncio.run(sub_container.create())
+    assert cli.calls == []
 
 
 def test_a_container_never_started_is_killed_without_runsc(
