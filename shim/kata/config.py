@@ -12,8 +12,8 @@ CRI ``ConfigPath``), its ``[vm]`` table over the defaults; the spec's limits add
     busybox = "/bin/busybox"
     boot_timeout = 120.0   # seconds until the guest agent answers
     guest_runtime = "crun" # the OCI runtime in the guest: crun | runc (runc for checkpoints:
-                           # Debian's crun has no CRIU); crun because it is C: under TCG a pod
-                           # starts in ~2 s with crun, ~4.7 s with Go runc (scripts/bench)
+                           # Debian's crun has no CRIU); crun because a C program starts far
+                           # faster than Go runc under TCG (README: pykata's guest runtime)
 """
 
 from __future__ import annotations
