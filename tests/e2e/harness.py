@@ -510,6 +510,9 @@ class PrivateContainerd:
         # Our shims first, then the Go shim matching this containerd, then the system's.
         path = [str(self.base / "bin"), str(self.binaries.containerd.parent), SYSTEM_PATH]
         env = {"PATH": ":".join(dict.fromkeys(path)), "HOME": "/root", **self._extra_env}
+        # containerd unpacks a checkpoint to restore into a ctrd-checkpoint* dir there and never
+        # removes it (1.6's services/tasks/local.go): keep those inside our temp dir.
+        env.setdefault("XDG_RUNTIME_DIR", str(self.base))
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
                 [str(self.binaries.containerd), "--config", str(self.base / "config.toml")],
