@@ -14,6 +14,7 @@ suite). runsc checkpoints whole sandboxes, so pyrunsc refuses a pod's container.
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -25,13 +26,45 @@ from runsc_support import criu_unusable_reason, require_runsc
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.checkpoint]
 
-# The count lives in the shell's memory; the file only shows it. A process started afresh
-# would write 1, 2, ... over the value the archive's rootfs diff brought along.
-COUNTER = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done"]
+# A random token and the count live in the shell's memory; the file only shows them. A
+# process started afresh would write another token (and 1, 2, ...) over the file the
+# checkpoint's rw diff brought along.
+COUNTER = [
+    "sh",
+    "-c",
+    't=$(head -c8 /dev/urandom | od -An -tx1 | tr -d " \n"); i=0; '
+    'while :; do i=$((i+1)); echo "$t $i" > /tmp/n; sleep 0.1; done',
+]
+
+
+@pytest.fixture(scope="module")
+def registry_image(containerd: PrivateContainerd, cri: CriClient) -> Iterator[str]:
+    """busybox pulled through CRI from a registry on loopback that serves for the whole module:
+    CRI keeps the first registry's digest reference for an image id, and a restore pulls the one
+    the checkpointed container showed."""
+    with serving(IMAGE_TAR, "pyshim/busybox", "checkpoint", containerd.registry_hosts) as ref:
+        cri.pull_image(ref)
+        try:
+            yield ref
+        finally:
+            # Its names only (the tag, CRI's digest reference): CRI's RemoveImage would remove
+            # the session's busybox too (the same id).
+            host = ref.split("/", 1)[0] + "/"
+            names = containerd.ctr("images", "ls", "-q").stdout.split()
+            ours = [name for name in names if name.startswith(host)]
+            if ours:
+                containerd.ctr("images", "rm", *ours)
+
+
+def shown(cri: CriClient, container_id: str) -> tuple[str, int]:
+    """The token and the count the counter last wrote."""
+    output = cri.exec_sync(container_id, ["cat", "/tmp/n"]).stdout.decode()
+    token, _, number = output.strip().partition(" ")
+    return token, int(number or 0)
 
 
 def count(cri: CriClient, container_id: str) -> int:
-    return int(cri.exec_sync(container_id, ["cat", "/tmp/n"]).stdout.strip() or 0)
+    return shown(cri, container_id)[1]
 
 
 def assert_unimplemented_before_2(containerd: PrivateContainerd, cri: CriClient) -> bool:
@@ -49,27 +82,25 @@ def assert_unimplemented_before_2(containerd: PrivateContainerd, cri: CriClient)
 @pytest.mark.criu
 @pytest.mark.parametrize("criu_handler", ["pyrunc", "runc"])
 def test_checkpoint_archive_restores_in_another_pod(
-    containerd: PrivateContainerd, cri: CriClient, criu_handler: str, tmp_path: Path
+    containerd: PrivateContainerd,
+    cri: CriClient,
+    criu_handler: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     if assert_unimplemented_before_2(containerd, cri):
         return
     reason = criu_unusable_reason()
     if reason:
         pytest.skip(reason)
-    with serving(IMAGE_TAR, "pyshim/busybox", "checkpoint", containerd.registry_hosts) as ref:
-        cri.pull_image(ref)
-        try:
-            restore_in_another_pod(cri, criu_handler, ref, tmp_path / "checkpoint.tar")
-        finally:
-            cri.remove_all()
-            # This name only: CRI's RemoveImage would remove the session's busybox (same id).
-            containerd.ctr("images", "rm", ref)
+    image = request.getfixturevalue("registry_image")
+    restore_in_another_pod(cri, criu_handler, image, tmp_path / "checkpoint.tar")
 
 
 def restore_in_another_pod(cri: CriClient, handler: str, image: str, archive: Path) -> None:
     source = cri.run_container(cri.run_pod(handler), image, COUNTER)
     assert wait_until(lambda: count(cri, source) >= 20, timeout=60)
-    before = count(cri, source)
+    token, before = shown(cri, source)
     cri.checkpoint(source, archive)
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
@@ -82,9 +113,12 @@ def restore_in_another_pod(cri: CriClient, handler: str, image: str, archive: Pa
     restored = cri.create_container(cri.run_pod(handler), str(archive), [])
     cri.start_container(restored)
     assert cri.container_status(restored).status.state == 1  # CONTAINER_RUNNING
-    stale = count(cri, restored)
-    assert wait_until(lambda: count(cri, restored) != stale, timeout=20)
-    assert count(cri, restored) > before
+    # Once the process writes again: the same process, its count going on.
+    stale = shown(cri, restored)
+    assert wait_until(lambda: shown(cri, restored) != stale, timeout=20)
+    restored_token, after = shown(cri, restored)
+    assert restored_token == token
+    assert after > before
 
 
 def test_pyrunsc_refuses_to_checkpoint_a_pod_container(
