@@ -308,6 +308,27 @@ def assert_nothing_restored(containerd: PrivateContainerd, name: str) -> None:
     containerd.kill_and_delete(name, check=False)
 
 
+def run_checkpoint_and_remove(workload: Workload, ref: str) -> None:
+    """The workload started, checkpointed into `ref`, then gone."""
+    try:
+        workload.run()
+    except BaseException:
+        workload.containerd.kill_and_delete(workload.name, check=False)
+        raise
+    checkpoint_and_remove(workload.containerd, workload.name, ref)
+
+
+def failed_restore_message(containerd: PrivateContainerd, name: str, ref: str) -> str:
+    """ctr's error restoring `ref`, which must fail and leave nothing (assert_nothing_restored)."""
+    try:
+        with pytest.raises(CtrError) as failed:
+            restore(containerd, name, ref)
+        assert containerd.task_status(name) != "RUNNING"
+        return failed.value.stderr
+    finally:
+        assert_nothing_restored(containerd, name)
+
+
 @pytest.mark.criu
 @pytest.mark.any_containerd
 def test_restore_of_a_corrupt_image_fails_clearly_and_leaves_nothing(
@@ -317,12 +338,7 @@ def test_restore_of_a_corrupt_image_fails_clearly_and_leaves_nothing(
     name = "ck-corrupt"
     workload = Workload(containerd, name)
     with checkpoint_image(containerd, f"localhost/pyshim-checkpoint/{name}:1") as ref:
-        try:
-            workload.run()
-        except BaseException:
-            containerd.kill_and_delete(name, check=False)
-            raise
-        checkpoint_and_remove(containerd, name, ref)
+        run_checkpoint_and_remove(workload, ref)
         # CRIU's images turned to garbage, runc's descriptors.json kept, in a blob of the
         # same size (the content store reads it back unchecked).
         blob = checkpoint_blob(containerd, ref, CRIU_TAR)
@@ -341,15 +357,9 @@ def test_restore_of_a_corrupt_image_fails_clearly_and_leaves_nothing(
         data = garbage.getvalue()
         assert not data[size:].strip(b"\0"), "the garbage archive outgrew the blob"
         blob.write_bytes(data[:size].ljust(size, b"\0"))
-        try:
-            with pytest.raises(CtrError) as failed:
-                restore(containerd, name, ref)
-            message = failed.value.stderr
-            assert "OCI runtime restore failed" in message, message
-            assert "CRIU: Error" in message, message
-            assert containerd.task_status(name) != "RUNNING"
-        finally:
-            assert_nothing_restored(containerd, name)
+        message = failed_restore_message(containerd, name, ref)
+        assert "OCI runtime restore failed" in message, message
+        assert "CRIU: Error" in message, message
 
 
 @pytest.mark.criu
@@ -379,3 +389,38 @@ def test_a_clone_restored_beside_the_running_original_lives_on_its_own(
             assert wait_until(lambda: workload.count() > went_on, timeout=30)
         finally:
             containerd.kill_and_delete(name, check=False)
+
+
+RUNTIME_ANNOTATION = "io.containerd.checkpoint.runtime"  # the index's, which ctr restores with
+
+
+def relabel_checkpoint_runtime(containerd: PrivateContainerd, ref: str, runtime: str) -> None:
+    """Have ctr restore `ref` with `runtime`: the checkpoint index's runtime annotation
+    rewritten in place, padded with JSON whitespace to the blob's size (the content store reads
+    it back by digest, unchecked)."""
+    [row] = [r.split() for r in containerd.ctr("images", "ls").stdout.splitlines() if ref in r]
+    algorithm, hex_digest = row[2].split(":")
+    blob = containerd.root / "io.containerd.content.v1.content" / "blobs" / algorithm / hex_digest
+    text = blob.read_text()
+    old, new = json.dumps(json.loads(text)["annotations"][RUNTIME_ANNOTATION]), json.dumps(runtime)
+    assert text.count(old) == 1 and len(new) <= len(old), (old, new)
+    blob.write_text(text.replace(old, new.ljust(len(old))))
+
+
+@pytest.mark.criu
+@pytest.mark.any_containerd
+def test_restore_of_another_backend_s_image_fails_clearly_and_leaves_nothing(
+    containerd: PrivateContainerd,
+) -> None:
+    """gVisor's checkpoint (its own state file, no CRIU image) handed to the runc shim."""
+    require_criu()
+    reason = runsc_unusable_reason()
+    if reason:
+        pytest.skip(reason)
+    name = "ck-foreign"
+    workload = Workload(containerd, name, runtime=PYRUNSC)
+    with checkpoint_image(containerd, f"localhost/pyshim-checkpoint/{name}:1") as ref:
+        run_checkpoint_and_remove(workload, ref)
+        relabel_checkpoint_runtime(containerd, ref, PYRUNC)
+        message = failed_restore_message(containerd, name, ref)
+        assert "OCI runtime restore failed" in message, message
