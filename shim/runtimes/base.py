@@ -63,8 +63,7 @@ class ContainerConfig:
     bundle: str
     stdio: ProcessStdio
     options: Any | None  # google.protobuf.Any from CreateTaskRequest / start stdin, or None
-    checkpoint: str = ""
-    parent_checkpoint: str = ""
+    checkpoint: str = ""  # CreateTaskRequest's parent_checkpoint is not read: see runc.py
 
 
 @dataclass(frozen=True)

@@ -83,10 +83,10 @@ class RuncContainer(oci.OciCliContainer):
         return self.options.criu_work_path or os.path.join(self._bundle, "work")
 
     def _restore_flags(self) -> list[str]:
-        flags = ["--work-path", self._restore_work_path(), "--no-subreaper"]
-        if self._config.parent_checkpoint:
-            flags += ["--parent-path", self._config.parent_checkpoint]
-        return flags
+        # No --parent-path: `runc restore` has no such flag (go-runc passes it, and containerd
+        # never sets CreateTaskRequest.parent_checkpoint); an incremental image names its parent
+        # itself (the `parent` link `runc checkpoint --parent-path` leaves in it).
+        return ["--work-path", self._restore_work_path(), "--no-subreaper"]
 
     def _raise_if_failed(self, operation: str, result: CommandResult) -> None:
         if operation == "restore" and result.status != 0:  # with CRIU's reasons

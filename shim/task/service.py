@@ -251,7 +251,6 @@ class TaskService:
                 stdio=self._runtime_stdio(init.io, request.terminal),
                 options=request.options if request.HasField("options") else None,
                 checkpoint=request.checkpoint,
-                parent_checkpoint=request.parent_checkpoint,
             )
             backend = self._runtime.container(config)
             container = TaskContainer(request.id, bundle, backend, init, rootfs)
