@@ -1,17 +1,24 @@
 """What Kubernetes' conformance asks of a container's security settings, for gVisor pods
 (`pyrunsc`) against containerd's `runc` as the reference (issue 24): privileged containers and
 `capabilities: add: [ALL]` start with every capability, seccomp profiles (the runtime's default
-and a localhost one) are enforced, and `readonlyPaths` are read-only."""
+and a localhost one) are enforced, and `readonlyPaths` are read-only. Where gVisor differs by
+nature (an exec's seccomp on runsc releases before 2026-03-30, a hostNetwork pod's
+/proc/net/tcp), the tests show exactly how, with runc beside it."""
 
 from __future__ import annotations
 
 import json
+import re
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cri_api.v1 import api_pb2 as api
-from cri_client import POD, CriClient, Pod
-from harness import PrivateContainerd
+from cri_client import NODE, POD, CriClient, Pod
+from harness import PrivateContainerd, wait_until
 from podnet import unusable_reason
 from runsc_support import require_runsc
 
@@ -22,6 +29,9 @@ SLEEP = ["sleep", "100000"]
 CAP_SYS_ADMIN = 21
 EPERM_TEXTS = ("Operation not permitted", "you must be root")
 Profile = api.SecurityProfile.ProfileType
+# The first gVisor release whose `runsc exec` applies the container's seccomp (gVisor commit
+# 028b7f0f1, "Apply OCI seccomp filters to exec processes").
+RUNSC_EXEC_SECCOMP_RELEASE = 20260330
 
 
 @pytest.fixture(params=HANDLERS)
@@ -132,3 +142,89 @@ def test_readonly_paths_are_read_only(cri: CriClient, handler: str, image: str) 
     assert "Read-only file system" in output, output
     # Only the path: the rest of the rootfs stays writable.
     assert cri.exec_sync(container, ["touch", "/written"]).exit_code == 0
+
+
+def seccomp_mode(cri: CriClient, container_id: str, pid: str) -> int:
+    """The Seccomp field of /proc/<pid>/status seen in the container (2: a filter)."""
+    result = cri.exec_sync(container_id, ["grep", "^Seccomp:", f"/proc/{pid}/status"])
+    assert result.exit_code == 0, result
+    return int(result.stdout.split()[1])
+
+
+def runsc_release() -> int:
+    """The date of the node's runsc release (`runsc version 0.0~20221219.0` on Debian 12,
+    `runsc version release-20260330.0` upstream); 0 for a build that names none."""
+    version = subprocess.run(
+        ["runsc", "--version"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    found = re.search(r"\b(20\d{6})\.\d+", version)
+    return int(found.group(1)) if found else 0
+
+
+def test_an_exec_gets_the_containers_seccomp_profile_where_runsc_applies_it(
+    cri: CriClient, handler: str, image: str
+) -> None:
+    """critest's seccomp specs look through ExecSync (`grep Seccomp /proc/self/status`,
+    `chmod`, `hostname`). runc confines an exec with the container's profile; runsc does only
+    from release-20260330.0 on, so on older ones (Debian 12's) the container's own processes
+    are confined and its execs are not."""
+    seccomp = api.SecurityProfile(profile_type=Profile.RuntimeDefault)
+    pod = cri.run_pod(handler)
+    container = cri.run_container(pod, image, SLEEP, seccomp=seccomp)
+
+    assert seccomp_mode(cri, container, "1") == 2, "the container's own process is confined"
+    confines_execs = handler != "pyrunsc" or runsc_release() >= RUNSC_EXEC_SECCOMP_RELEASE
+    assert seccomp_mode(cri, container, "self") == (2 if confines_execs else 0)
+
+
+@pytest.fixture
+def node_port() -> Iterator[int]:
+    """A TCP port the node listens on at every address, answering "hello", as critest's
+    "HostNetwork is true" makes one."""
+    if socket.has_dualstack_ipv6():
+        server = socket.create_server(("", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    else:
+        server = socket.create_server(("", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:  # shut down
+                return
+            with connection:
+                connection.sendall(b"hello\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(server.getsockname()[1])
+    finally:
+        server.shutdown(socket.SHUT_RDWR)  # wakes the accept, which close alone does not
+        server.close()
+        thread.join(timeout=10)
+
+
+def listening(cri: CriClient, container_id: str, port: int) -> bool:
+    """Whether `netstat -ln` in the container (its /proc/net/tcp and tcp6) lists the port."""
+    result = cri.exec_sync(container_id, ["netstat", "-lnt"])
+    assert result.exit_code == 0, result
+    return re.search(rf":{port}\s", result.stdout.decode()) is not None
+
+
+def test_a_host_network_pod_reaches_the_nodes_port_and_lists_its_own_sockets(
+    cri: CriClient, handler: str, image: str, node_port: int
+) -> None:
+    """hostNetwork: the container connects to a port the node listens on in both. Its
+    `netstat -ln` (critest's check) lists that port on runc, whose /proc/net/tcp is the host
+    kernel's; gVisor's /proc/net/tcp lists the sandbox's own sockets only, with runsc
+    network=host too (the README's per-backend table), so there only the container's own."""
+    pod = cri.run_pod(handler, network=NODE)
+    with socket.create_server(("127.0.0.1", 0)) as probe:  # a free port for the container
+        own_port = probe.getsockname()[1]
+    container = cri.run_container(pod, image, ["nc", "-l", "-p", str(own_port)])
+
+    reply = cri.exec_sync(container, ["nc", "-w", "10", "127.0.0.1", str(node_port)])
+    assert reply.stdout == b"hello\n", reply
+    assert wait_until(lambda: listening(cri, container, own_port), timeout=30)
+    assert listening(cri, container, node_port) == (handler != "pyrunsc")
