@@ -91,6 +91,9 @@ OUTPUT_PATH_FLAGS = ("debug-log", "panic-log", "pcap-log", "trace", "coverage-re
 NETWORK_FALLBACKS = ("host", "none")  # what runsc.toml's network_fallback may name
 # gVisor's first release whose root-netns check reads dev_weight, not rmem_default (issue 10704).
 FIXED_RELEASE = 20240807
+# gVisor's first release whose `runsc exec` applies the container's seccomp (--oci-seccomp) to
+# the process it starts (gVisor commit 028b7f0f1); before it execs run unconfined.
+EXEC_SECCOMP_RELEASE = 20260330
 RMEM_DEFAULT = "/proc/sys/net/core/rmem_default"  # this runsc's "root netns" sign
 DEV_WEIGHT = "/proc/sys/net/core/dev_weight"  # in the initial netns only, on every kernel
 # The netns probe's exit codes.
@@ -364,8 +367,9 @@ class RunscContainer(oci.OciCliContainer):
         self._paused = False
         self._sandbox_id = sandbox_of(config.id, spec)
         self._netns = network_namespace(spec) or ""  # "" for a new one or the host's
-        # runsc --oci-seccomp confines the container's own processes, not `runsc exec`'s.
-        self._unconfined_execs = bool(spec.get("linux", {}).get("seccomp"))
+        # A profile runsc applies: the first exec warns if this runsc leaves execs out of it.
+        oci_seccomp = options.flags.get("oci-seccomp", "false") in runsc_spec.GO_TRUE
+        self._check_exec_seccomp = oci_seccomp and bool(spec.get("linux", {}).get("seccomp"))
         self._exit: SubcontainerExit | None = None  # a sub-container's, once created
         self._sandbox_exited: asyncio.Future[Exit] | None = None  # an own sandbox's, once created
         self._started = False
@@ -492,13 +496,21 @@ class RunscContainer(oci.OciCliContainer):
     def _exec_flags(self, exec_id: str) -> list[str]:
         return ["--internal-pid-file", self._pid_file(f"{exec_id}-sandbox")]
 
+    async def _warn_of_unconfined_execs(self) -> None:
+        binary = self.options.binary_name
+        release = await runsc_release(self._context.reaper, binary)
+        if release is not None and release >= EXEC_SECCOMP_RELEASE:
+            return
+        log.warning(
+            "%s: %s (release %s) applies the container's seccomp profile to its own processes "
+            "only: its execs run without it (runsc confines execs from release-20260330.0 on)",
+            self._id, binary, release or "unknown",
+        )  # fmt: skip
+
     async def exec(self, exec_id: str, process: Mapping[str, Any], stdio: ProcessStdio) -> Launched:
-        if self._unconfined_execs:
-            self._unconfined_execs = False  # once per container: probes exec every few seconds
-            log.warning(
-                "%s: runsc applies the container's seccomp profile to its own processes only: "
-                "its execs run without it", self._id,
-            )  # fmt: skip
+        if self._check_exec_seccomp:
+            self._check_exec_seccomp = False  # once per container: probes exec every few seconds
+            await self._warn_of_unconfined_execs()
         adapted = copy.deepcopy(dict(process))
         binary = self.options.binary_name
         await runsc_spec.adapt_capabilities(adapted, binary, f"{self._id} exec {exec_id}")

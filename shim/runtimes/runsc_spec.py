@@ -17,8 +17,9 @@ ignores, made into what it can, with a warning where the container gets less tha
   has no /proc/bus, /proc/fs, /proc/irq or /proc/sysrq-trigger, and its /proc/sys is the
   sandbox kernel's (writable entries change only the sandbox's netstack and ptrace scope).
 * Seccomp. runsc applies the spec's seccomp only with --oci-seccomp (pyshim install writes it
-  into runsc.toml); without it a spec asking for seccomp gets a warning. Even with it, this
-  runsc confines the container's own processes, not those `runsc exec` starts (measured).
+  into runsc.toml); without it a spec asking for seccomp gets a warning. Even with it, runsc
+  releases before release-20260330.0 confine the container's own processes, not those
+  `runsc exec` starts (the runsc backend warns at a container's first exec).
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ from harness import PrivateContainerd, wait_until
 from podnet import unusable_reason
 from runsc_support import require_runsc
 
+from shim.runtimes.runsc import EXEC_SECCOMP_RELEASE, release_date
+
 pytestmark = pytest.mark.timeout(300)
 
 HANDLERS = ["pyrunsc", "runc"]
@@ -29,9 +31,6 @@ SLEEP = ["sleep", "100000"]
 CAP_SYS_ADMIN = 21
 EPERM_TEXTS = ("Operation not permitted", "you must be root")
 Profile = api.SecurityProfile.ProfileType
-# The first gVisor release whose `runsc exec` applies the container's seccomp (gVisor commit
-# 028b7f0f1, "Apply OCI seccomp filters to exec processes").
-RUNSC_EXEC_SECCOMP_RELEASE = 20260330
 
 
 @pytest.fixture(params=HANDLERS)
@@ -152,13 +151,11 @@ def seccomp_mode(cri: CriClient, container_id: str, pid: str) -> int:
 
 
 def runsc_release() -> int:
-    """The date of the node's runsc release (`runsc version 0.0~20221219.0` on Debian 12,
-    `runsc version release-20260330.0` upstream); 0 for a build that names none."""
+    """The date of the node's runsc release; 0 for a build that names none."""
     version = subprocess.run(
         ["runsc", "--version"], capture_output=True, text=True, timeout=30, check=True
     ).stdout
-    found = re.search(r"\b(20\d{6})\.\d+", version)
-    return int(found.group(1)) if found else 0
+    return release_date(version) or 0
 
 
 def test_an_exec_gets_the_containers_seccomp_profile_where_runsc_applies_it(
@@ -173,7 +170,7 @@ def test_an_exec_gets_the_containers_seccomp_profile_where_runsc_applies_it(
     container = cri.run_container(pod, image, SLEEP, seccomp=seccomp)
 
     assert seccomp_mode(cri, container, "1") == 2, "the container's own process is confined"
-    confines_execs = handler != "pyrunsc" or runsc_release() >= RUNSC_EXEC_SECCOMP_RELEASE
+    confines_execs = handler != "pyrunsc" or runsc_release() >= EXEC_SECCOMP_RELEASE
     assert seccomp_mode(cri, container, "self") == (2 if confines_execs else 0)
 
 

@@ -607,6 +607,20 @@ def test_a_seccomp_runsc_will_not_apply_is_warned_of(
     assert not caplog.text
 
 
+@pytest.mark.parametrize(("release", "warned"), [(20221219, True), (None, True), (20260330, False)])
+def test_execs_left_out_of_the_seccomp_are_warned_of_by_runsc_release(
+    release: int | None,
+    warned: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    made = container(tmp_path, monkeypatch, FakeRunsc())
+    monkeypatch.setitem(runsc._releases, made.options.binary_name, release)
+    asyncio.run(made._warn_of_unconfined_execs())
+    assert ("its execs run without it" in caplog.text) == warned
+
+
 def test_the_adapted_spec_replaces_config_json(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "config.json").chmod(0o640)
