@@ -17,7 +17,9 @@ from shim.sys.spawn import run_command
 
 log = logging.getLogger(__name__)
 
-# In this order (libcrc32c needs crc32c_generic first, see shim.kata.boot).
+# In this order (libcrc32c asks for crc32c by name at load, which no "depends=" says: see
+# shim.kata.boot); nf_conntrack_netlink: without it a dump of a container's netns fails ("-22
+# reported by netlink" reading its conntrack table). scripts/vm-test insmods the same list.
 CRIU_MODULES = (
     "inet_diag", "tcp_diag", "udp_diag", "raw_diag", "unix_diag", "netlink_diag",
     "af_packet_diag", "tun", "veth", "nfnetlink", "crc32c_generic", "libcrc32c", "nf_tables",

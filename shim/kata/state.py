@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shim.runtimes.criu import KEPT_DUMP_LOG
 from shim.sys.mount import detach, mounts_under
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,7 @@ KILL_WAIT = 3.0  # QEMU ends at once on SIGKILL; `delete` has 5 s in all
 # containerd keeps it, while the guest writes it (checkpoint) or reads it (restore).
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_IMAGE = f"{CHECKPOINT_DIR}/image"
-CHECKPOINT_LOG = f"{CHECKPOINT_DIR}/criu-dump.log"  # CRIU's log, from a failed checkpoint
-BUNDLE_CHECKPOINT_LOG = "criu-dump.log"  # where containerd's runc shim keeps it too
+CHECKPOINT_LOG = f"{CHECKPOINT_DIR}/{KEPT_DUMP_LOG}"  # CRIU's log, from a failed checkpoint
 LOG_LIMIT = 1 << 20
 
 
@@ -119,7 +119,7 @@ def keep_checkpoint_log(paths: VmPaths, container_id: str, bundle: str) -> str |
     """The log of a failed checkpoint, which the guest wrote into the shared directory, copied
     into the bundle (read without following a symlink: the guest made it); its path, or None."""
     source = paths.container_dir(container_id) / CHECKPOINT_LOG
-    target = os.path.join(bundle, BUNDLE_CHECKPOINT_LOG)
+    target = os.path.join(bundle, KEPT_DUMP_LOG)
     try:
         fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         with open(fd, "rb") as f:
