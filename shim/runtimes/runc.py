@@ -90,12 +90,18 @@ class RuncContainer(oci.OciCliContainer):
 
     def _raise_if_failed(self, operation: str, result: CommandResult) -> None:
         if operation == "restore" and result.status != 0:  # with CRIU's reasons
-            log = os.path.join(self._restore_work_path(), criu.RESTORE_LOG)
-            kept = log if os.path.isfile(log) else None
-            message = last_runtime_error(self._bundle, result)
-            detail = criu.describe_failure(message, criu.log_errors(log), kept)
-            raise TtrpcError(Code.UNKNOWN, f"OCI runtime restore failed: {detail}")
+            criu_log = os.path.join(self._restore_work_path(), criu.RESTORE_LOG)
+            kept = criu_log if os.path.isfile(criu_log) else None
+            raise self._criu_failure(operation, result, criu_log, kept)
         super()._raise_if_failed(operation, result)
+
+    def _criu_failure(
+        self, operation: str, result: CommandResult, criu_log: str, kept: str | None
+    ) -> TtrpcError:
+        """The runtime's own message with CRIU's errors from `criu_log` and where it is kept."""
+        message = last_runtime_error(self._bundle, result)
+        detail = criu.describe_failure(message, criu.log_errors(criu_log), kept)
+        return TtrpcError(Code.UNKNOWN, f"OCI runtime {operation} failed: {detail}")
 
     async def start(self) -> Launched | None:
         launched = await super().start()
@@ -141,11 +147,10 @@ class RuncContainer(oci.OciCliContainer):
             if result.status != 0:
                 # Kept beside an image the client chose, else in the bundle (as containerd's
                 # runc shim does): containerd removes an image dir of its own on failure.
-                log = os.path.join(work, criu.DUMP_LOG)
-                kept = criu.keep_log(log, [*filter(None, [options.image_path]), self._bundle])
-                message = last_runtime_error(self._bundle, result)
-                detail = criu.describe_failure(message, criu.log_errors(log), kept)
-                raise TtrpcError(Code.UNKNOWN, f"OCI runtime checkpoint failed: {detail}")
+                criu_log = os.path.join(work, criu.DUMP_LOG)
+                destinations = [*filter(None, [options.image_path]), self._bundle]
+                kept = criu.keep_log(criu_log, destinations)
+                raise self._criu_failure("checkpoint", result, criu_log, kept)
         finally:
             if not options.work_path:
                 shutil.rmtree(work, ignore_errors=True)
