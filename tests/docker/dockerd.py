@@ -35,6 +35,7 @@ from harness import (
     file_tail,
     listening,
     mounts_under,
+    remove_runtime_roots,
     stop_process,
     wait_until,
 )
@@ -194,6 +195,7 @@ class PrivateDockerd:
             detach_mounts(mounts_under(self.base))
             shutil.rmtree(self.base, ignore_errors=True)
             self.bridge.remove()
+            remove_runtime_roots(self.namespace)
 
     def remove_all(self) -> None:
         ids = self.docker("ps", "-aq", timeout=30).stdout.split()

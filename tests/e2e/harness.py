@@ -340,6 +340,14 @@ class Task(NamedTuple):
     status: str
 
 
+def remove_runtime_roots(namespace: str) -> None:
+    """runc's and runsc's state roots for a containerd namespace outlive its containers; each is
+    removed once empty (rmdir keeps one that is not, so a leak stays visible)."""
+    for parent in (Path("/run/containerd/runc"), Path("/run/containerd/runsc")):
+        with contextlib.suppress(OSError):
+            (parent / namespace).rmdir()
+
+
 class PrivateContainerd:
     """A containerd with its own config, root, state and sockets under a fresh temp dir.
 
@@ -607,10 +615,7 @@ class PrivateContainerd:
         """runc/runsc state roots and the cgroup parents named after our namespace outlive
         their containers; they are empty once every container is gone (rmdir keeps any
         that are not, so a leak stays visible)."""
-        runtime_roots = [Path("/run/containerd/runc"), Path("/run/containerd/runsc")]
-        for parent in runtime_roots:
-            with contextlib.suppress(OSError):
-                (parent / self.namespace).rmdir()
+        remove_runtime_roots(self.namespace)
         for hierarchy in cgroup_hierarchies():
             ours = hierarchy / self.cgroup_parent
             # Deepest first: a killed container's own cgroup (runc never deleted it) is empty.
