@@ -284,6 +284,9 @@ class KataContainer(Container):
         from google.protobuf.any_pb2 import Any as AnyProto
 
         vm = self._joined
+        oci.refuse_incremental_checkpoint(
+            request, "the guest sees the image dir only, never a parent image beside it"
+        )
         options = oci.checkpoint_options(request)
         image = options.image_path or request.path
         try:

@@ -105,9 +105,28 @@ def checkpoint_options(request: CheckpointRequest) -> Any:
     any OCI runtime), or the defaults."""
     from shim.api.runc.options_pb2 import CheckpointOptions
 
+    return CheckpointOptions.FromString(_checkpoint_options_value(request))
+
+
+def incremental_checkpoint(request: CheckpointRequest) -> Any:
+    """pyshim.checkpoint.v1.IncrementalCheckpoint: fields a client appends to the
+    CheckpointOptions' encoding (its proto says why there), or the defaults."""
+    from shim.api.checkpoint.v1.checkpoint_pb2 import IncrementalCheckpoint
+
+    return IncrementalCheckpoint.FromString(_checkpoint_options_value(request))
+
+
+def refuse_incremental_checkpoint(request: CheckpointRequest, reason: str) -> None:
+    """For backends that cannot honour pre_dump or parent_path: refused, not a full dump."""
+    incremental = incremental_checkpoint(request)
+    if incremental.pre_dump or incremental.parent_path:
+        raise NotImplementedError(f"incremental checkpoint (pre_dump, parent_path): {reason}")
+
+
+def _checkpoint_options_value(request: CheckpointRequest) -> bytes:
     if request.options is not None and request.options.type_url == CHECKPOINT_OPTIONS_URL:
-        return CheckpointOptions.FromString(request.options.value)
-    return CheckpointOptions()
+        return bytes(request.options.value)
+    return b""
 
 
 def read_spec(bundle: str) -> dict[str, Any]:

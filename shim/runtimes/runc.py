@@ -125,13 +125,16 @@ class RuncContainer(oci.OciCliContainer):
 
     async def checkpoint(self, request: CheckpointRequest) -> None:
         options = oci.checkpoint_options(request)
-        image = request.path or options.image_path  # containerd's choice, the client's if set
+        # The client's choice first: containerd 1.x gives a runtime not named io.containerd.runc.*
+        # a temporary dir of its own whatever image_path says (2.x gives image_path).
+        image = options.image_path or request.path
         if not image:
             raise TtrpcError(Code.INVALID_ARGUMENT, "checkpoint: no image path")
+        incremental = incremental_flags(options, oci.incremental_checkpoint(request), image)
         # A work dir of our own goes afterwards (as containerd's runc shim does); the client's
         # stays, with CRIU's log in it.
         work = options.work_path or os.path.join(self._bundle, "work", "criu-work")
-        args = ["checkpoint", "--image-path", image, "--work-path", work]
+        args = ["checkpoint", "--image-path", image, "--work-path", work, *incremental]
         flag_options = (
             (options.open_tcp, "--tcp-established"),
             (options.external_unix_sockets, "--ext-unix-sk"),
@@ -163,6 +166,29 @@ class RuncContainer(oci.OciCliContainer):
     def _has_own_pid_namespace(self) -> bool:
         namespaces = oci.read_spec(self._bundle).get("linux", {}).get("namespaces", [])
         return any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
+
+
+def incremental_flags(options: Any, incremental: Any, image: str) -> list[str]:
+    """runc's flags for a pre-dump or a dump on a parent image (pyshim.checkpoint.v1), checked
+    first: runc would destroy a container it was told to exit after a pre-dump it refused."""
+    flags = []
+    if incremental.pre_dump:
+        if options.exit:
+            message = "checkpoint: a pre-dump leaves the container running, exit cannot be set"
+            raise TtrpcError(Code.INVALID_ARGUMENT, message)
+        flags.append("--pre-dump")
+    if incremental.parent_path:
+        # CRIU links the image to its parent relative to the image dir, and runc takes only
+        # such a path: an absolute one is made relative here.
+        image = os.path.realpath(image)
+        parent = os.path.realpath(os.path.join(image, incremental.parent_path))
+        if not os.path.isfile(os.path.join(parent, "inventory.img")):
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT,
+                f"checkpoint: parent {incremental.parent_path!r} ({parent}) is no CRIU image",
+            )
+        flags += ["--parent-path", os.path.relpath(parent, image)]
+    return flags
 
 
 class RuncRuntime(Runtime):

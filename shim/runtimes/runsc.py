@@ -610,6 +610,7 @@ class RunscContainer(oci.OciCliContainer):
     async def checkpoint(self, request: CheckpointRequest) -> None:
         if self._sandbox_id is not None:
             raise NotImplementedError(whole_sandbox_only("checkpoint", self._sandbox_id))
+        oci.refuse_incremental_checkpoint(request, "runsc checkpoints whole sandboxes only")
         options = oci.checkpoint_options(request)
         if self._paused:
             # containerd pauses a task before checkpointing it; runsc then panics
