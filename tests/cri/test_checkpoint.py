@@ -19,22 +19,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from counter_workload import COUNT_FILE, COUNTER, parse_count
 from cri_client import CriClient
 from harness import IMAGE_TAR, PrivateContainerd, wait_until
 from registry import serving
 from runsc_support import criu_unusable_reason, require_runsc
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.checkpoint]
-
-# A random token and the count live in the shell's memory; the file only shows them. A
-# process started afresh would write another token (and 1, 2, ...) over the file the
-# checkpoint's rw diff brought along.
-COUNTER = [
-    "sh",
-    "-c",
-    't=$(head -c8 /dev/urandom | od -An -tx1 | tr -d " \n"); i=0; '
-    'while :; do i=$((i+1)); echo "$t $i" > /tmp/n; sleep 0.1; done',
-]
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +49,7 @@ def registry_image(containerd: PrivateContainerd, cri: CriClient) -> Iterator[st
 
 def shown(cri: CriClient, container_id: str) -> tuple[str, int]:
     """The token and the count the counter last wrote."""
-    output = cri.exec_sync(container_id, ["cat", "/tmp/n"]).stdout.decode()
-    token, _, number = output.strip().partition(" ")
-    return token, int(number or 0)
+    return parse_count(cri.exec_sync(container_id, ["cat", COUNT_FILE]).stdout.decode())
 
 
 def count(cri: CriClient, container_id: str) -> int:

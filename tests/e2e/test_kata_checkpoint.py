@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from counter_workload import COUNTER, count
 from harness import PYKATA_RUNTIME, CtrError, PrivateContainerd, mounts_under, wait_until
 from product import pykata_toml
 from runsc_support import removing_ctr_fifos
@@ -32,7 +33,6 @@ pytestmark = [pytest.mark.checkpoint, pytest.mark.timeout(900)]
 
 BOOT = 240  # seconds for a ctr command that boots a VM, on a busy 2-core machine
 CRIU = 600  # seconds for a ctr command that runs CRIU in a TCG guest
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done"
 CHECKPOINT_MEDIA_TYPE = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
 
 
@@ -55,14 +55,10 @@ def counter(containerd: PrivateContainerd, runc_config: Path) -> Iterator[str]:
     name = "kata-counter"
     containerd.ctr(
         "run", "-d", "--runtime", PYKATA_RUNTIME, "--runtime-config-path", str(runc_config),
-        containerd.image, name, "sh", "-c", COUNTER, timeout=BOOT,
+        containerd.image, name, *COUNTER, timeout=BOOT,
     )  # fmt: skip
     yield name
     containerd.kill_and_delete(name, check=False)
-
-
-def count(containerd: PrivateContainerd, name: str) -> int:
-    return int(containerd.exec_output(name, "cat", "/tmp/n").strip() or 0)
 
 
 def checkpoint(containerd: PrivateContainerd, name: str, ref: str) -> float:

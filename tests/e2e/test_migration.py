@@ -17,28 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from counter_workload import COUNTER, count, shown
 from harness import PrivateContainerd, wait_until
 from runsc_support import criu_unusable_reason, removing_ctr_fifos, runsc_unusable_reason
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.checkpoint]
-
-# A random token and the count live in the shell's memory; the file only shows them. A
-# process started afresh would write another token (and 1, 2, ...) over the file the
-# checkpoint's rw diff brought along.
-COUNTER = (
-    't=$(head -c8 /dev/urandom | od -An -tx1 | tr -d " \n"); i=0; '
-    'while :; do i=$((i+1)); echo "$t $i" > /tmp/n; sleep 0.1; done'
-)
-
-
-def shown(containerd: PrivateContainerd, name: str) -> tuple[str, int]:
-    """The token and the count the counter last wrote."""
-    token, _, number = containerd.exec_output(name, "cat", "/tmp/n").strip().partition(" ")
-    return token, int(number or 0)
-
-
-def count(containerd: PrivateContainerd, name: str) -> int:
-    return shown(containerd, name)[1]
 
 
 def export_flags(containerd: PrivateContainerd) -> list[str]:
@@ -73,7 +56,7 @@ def test_counter_checkpointed_on_one_containerd_goes_on_on_another(
     ref = f"localhost/pyshim-migration/{name}:1"
     archive = tmp_path / "checkpoint.tar"
 
-    source.run_detached(name, "sh", "-c", COUNTER, runtime=runtime)
+    source.run_detached(name, *COUNTER, runtime=runtime)
     try:
         assert wait_until(lambda: count(source, name) >= 20, timeout=30)
         token, before = shown(source, name)
