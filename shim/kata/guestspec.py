@@ -19,21 +19,13 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from shim.runtimes.spec import is_bind, is_recursive
+from shim.runtimes.spec import is_bind, is_readonly_top_only, submount_bind
+from shim.sys.mount import Submount
 
 SHARED_IN_GUEST = "/pyshim/shared"  # the VM's shared directory, mounted by 9p
 _PROC_NS = re.compile(r"/proc/(\d+)/ns/\w+")
-
-
-@dataclass(frozen=True)
-class Submount:
-    """A host mount below a recursive bind's source."""
-
-    path: str  # relative to the source
-    readonly: bool
 
 
 def shared_bind_name(index: int) -> str:
@@ -67,10 +59,9 @@ def guest_spec(
             continue
         name = shared_bind_name(index)
         mount["source"] = f"{shared}/{name}"
-        options = mount.get("options") or []
-        if "ro" in options and "rro" not in options and is_recursive(mount):
+        if is_readonly_top_only(mount):
             below = (submounts or {}).get(name, ())
-            mounts += [_submount_bind(mount, submount) for submount in below]
+            mounts += [submount_bind(mount, submount) for submount in below]
     if "mounts" in guest:
         guest["mounts"] = mounts
     linux = guest.setdefault("linux", {})
@@ -91,18 +82,6 @@ def guest_spec(
     if "process" in guest:
         guest["process"] = guest_process(guest["process"])
     return guest
-
-
-def _submount_bind(parent: Mapping[str, Any], submount: Submount) -> dict[str, Any]:
-    """A bind of the 9p copy of a host mount below `parent`'s source, read-only only if it is
-    on the host (writes go through 9p to the host mount, which refuses them anyway)."""
-    propagation = [o for o in parent.get("options") or [] if o.endswith(("private", "slave"))]
-    return {
-        "destination": f"{parent['destination'].rstrip('/')}/{submount.path}",
-        "type": "bind",
-        "source": f"{parent['source']}/{submount.path}",
-        "options": ["bind", *propagation, "ro" if submount.readonly else "rw"],
-    }
 
 
 def guest_process(process: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from shim.kata.boot import (
     restore,
 )
 from shim.kata.config import KataConfig, VmSize
-from shim.kata.guestspec import SHARED_IN_GUEST, Submount, container_dir_in_guest
+from shim.kata.guestspec import SHARED_IN_GUEST, container_dir_in_guest
 from shim.kata.state import (
     BASE_DIR,
     CHECKPOINT_DIR,
@@ -47,7 +47,7 @@ from shim.kata.state import (
     unshare_container,
 )
 from shim.runtimes.base import ShimContext
-from shim.sys.mount import MountSpec, mount_rootfs, mount_table
+from shim.sys.mount import MountSpec, Submount, mount_rootfs, submounts_of
 from shim.sys.reaper import Exit
 from shim.sys.spawn import fork_call
 from shim.ttrpc.errors import Code, TtrpcError
@@ -335,7 +335,7 @@ class Vm:
                     target.touch()
                 _bind(source, target, recursive=recursive)
                 if recursive:
-                    submounts[name] = _submounts(target)
+                    submounts[name] = submounts_of(str(target))
             # Fails (ENOTEMPTY, ENOTDIR, EEXIST) if the guest put anything at that name.
             os.rename(directory, self.paths.container_dir(container_id))
         except OSError as exc:
@@ -435,16 +435,3 @@ def _bind(source: str, target: Path, *, recursive: bool = True) -> None:
     """As the spec binds it: runc's plain bind leaves the mounts below the source out."""
     option = "rbind" if recursive else "bind"
     mount_rootfs([MountSpec("bind", source, "", (option,))], str(target))
-
-
-def _submounts(target: Path) -> list[Submount]:
-    """The mounts strictly below `target`, shallowest first, with their read-only state."""
-    prefix = str(target) + "/"
-    found = [
-        Submount(point[len(prefix) :], "ro" in options)
-        for point, options in mount_table()
-        if point.startswith(prefix)
-    ]
-    # A path mounted twice: the later (upper) one is what the guest sees there.
-    unique = {submount.path: submount for submount in found}
-    return sorted(unique.values(), key=lambda s: s.path.count("/"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 from collections.abc import Iterator, Sequence
@@ -47,6 +48,19 @@ _OVERLAY_COMPACT_AT = _PAGE_SIZE - 512
 
 _UNMOUNT_BUSY_RETRIES = 50
 _UNMOUNT_BUSY_DELAY = 0.05
+
+# <sys/mount.h>, <linux/mount.h>, <fcntl.h>: the kernel's ABI. open_tree(2) and move_mount(2)
+# (Linux 5.2) have no C library wrapper before glibc 2.36; their numbers are the same on
+# every architecture (the new syscalls' common table).
+MS_SLAVE = 1 << 19
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_AT_FDCWD = -100
+_AT_RECURSIVE = 0x8000
+_OPEN_TREE_CLONE = 1
+_OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,46 @@ def unmount_all(target: str) -> None:
 def detach(target: str) -> None:
     """Lazy unmount (MNT_DETACH): gone from the tree now, released when no longer in use."""
     _umount2(target, lib.MNT_DETACH)
+
+
+def make_slave(target: str) -> None:
+    """The mounts at and below `target` get the mounts and unmounts of their peers (if they
+    had any) and pass none on."""
+    if lib.mount(b"", os.fsencode(target), b"", MS_SLAVE | lib.MS_REC, b""):
+        raise last_error(f"make {target} a slave mount")
+
+
+def clone_tree(source: str, *, recursive: bool) -> int:
+    """A detached copy of the mount at `source` (a bind mount's source: a file or directory),
+    with the mounts below it if `recursive`: an fd (close-on-exec) for attach_tree. The copy
+    is of the mounts the calling thread's mount namespace has."""
+    flags = _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | (_AT_RECURSIVE if recursive else 0)
+    fd = _libc.syscall(
+        ctypes.c_long(_SYS_OPEN_TREE),
+        ctypes.c_int(_AT_FDCWD),
+        ctypes.c_char_p(os.fsencode(source)),
+        ctypes.c_uint(flags),
+    )
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"open_tree {source}: {os.strerror(code)}")
+    return int(fd)
+
+
+def attach_tree(tree: int, target: str) -> None:
+    """Mount the copy clone_tree made (of a directory onto a directory, of a file onto a file)
+    at `target`, as slaves: nothing mounted or unmounted below it reaches the source's peers."""
+    if _libc.syscall(
+        ctypes.c_long(_SYS_MOVE_MOUNT),
+        ctypes.c_int(tree),
+        ctypes.c_char_p(b""),
+        ctypes.c_int(_AT_FDCWD),
+        ctypes.c_char_p(os.fsencode(target)),
+        ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH),
+    ):
+        code = ctypes.get_errno()
+        raise OSError(code, f"move_mount onto {target}: {os.strerror(code)}")
+    make_slave(target)
 
 
 def _mount(spec: MountSpec, target: str, mounted: list[str]) -> None:
@@ -192,6 +246,27 @@ def mount_table() -> list[tuple[str, list[str]]]:
             (mountinfo_field(fields[4]), fields[5].split(","))
             for fields in (line.split() for line in f)
         ]
+
+
+@dataclass(frozen=True)
+class Submount:
+    """A mount below a directory: its path relative to the directory, and its read-only state."""
+
+    path: str
+    readonly: bool
+
+
+def submounts_of(directory: str) -> list[Submount]:
+    """The mounts strictly below `directory`, shallowest first."""
+    prefix = directory.rstrip("/") + "/"
+    found = [
+        Submount(point[len(prefix) :], "ro" in options)
+        for point, options in mount_table()
+        if point.startswith(prefix)
+    ]
+    # A path mounted twice: the later (upper) one is what is seen there.
+    unique = {submount.path: submount for submount in found}
+    return sorted(unique.values(), key=lambda s: s.path.count("/"))
 
 
 def mounts_under(prefix: str) -> list[str]:

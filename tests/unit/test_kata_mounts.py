@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from shim.kata.guestspec import Submount, guest_spec
+from shim.kata.guestspec import guest_spec
 from shim.kata.state import VmPaths, unshare_container
 from shim.kata.vm import Vm
+from shim.sys.mount import Submount
 
 SHARED = "/pyshim/shared/c1/mounts"
 
