@@ -22,6 +22,7 @@ from shim.flags import Flags
 from shim.manager import bind_socket
 from shim.runtimes.base import ShimContext
 from shim.runtimes.registry import find_runtime, runtime_name_from_binary, runtime_type
+from shim.sys.namespaces import enter_private_mounts
 from shim.sys.reaper import Reaper
 from shim.task.events import EventPublisher
 from shim.task.service import TaskService
@@ -93,6 +94,8 @@ def serve(flags: Flags, binary: str, sock: socket.socket) -> int:
     _open_log(runtime_name, flags.debug)
     try:
         runtime_class = find_runtime(name)
+        if runtime_class.private_mounts:  # while the daemon has a single thread
+            enter_private_mounts()
         asyncio.run(_serve(flags, runtime_class, runtime_name, sock))
     except Exception:
         log.exception("shim failed")

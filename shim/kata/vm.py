@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import secrets
+import stat
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,7 +48,15 @@ from shim.kata.state import (
     unshare_container,
 )
 from shim.runtimes.base import ShimContext
-from shim.sys.mount import MountSpec, Submount, mount_rootfs, submounts_of
+from shim.sys.mount import (
+    MountSpec,
+    Submount,
+    attach_tree,
+    clone_tree,
+    mount_rootfs,
+    submounts_of,
+)
+from shim.sys.namespaces import in_host_mounts
 from shim.sys.reaper import Exit
 from shim.sys.spawn import fork_call
 from shim.ttrpc.errors import Code, TtrpcError
@@ -320,20 +329,18 @@ class Vm:
         recursive) into the shared directory; the host mounts that came along below each
         recursive one. The tree is built where the guest cannot see it, then moved
         in whole: in the (writable) shared directory, a guest could swap a directory for a
-        symlink between two of our steps and have a host path mounted over."""
+        symlink between two of our steps and have a host path mounted over.
+        The rootfs is ours (the shim mounted it, or the client did before the shim started);
+        the bind sources are bound as the host sees them now."""
         directory = self.paths.staging_dir(container_id)
         submounts: dict[str, list[Submount]] = {}
         try:
             (directory / "rootfs").mkdir(parents=True)
-            _bind(rootfs, directory / "rootfs")
+            mount_rootfs([MountSpec("bind", rootfs, "", ("rbind",))], str(directory / "rootfs"))
             for name, (source, recursive) in binds.items():
                 target = directory / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                if os.path.isdir(source):
-                    target.mkdir()
-                else:
-                    target.touch()
-                _bind(source, target, recursive=recursive)
+                _bind_host_path(source, target, recursive=recursive)
                 if recursive:
                     submounts[name] = submounts_of(str(target))
             # Fails (ENOTEMPTY, ENOTDIR, EEXIST) if the guest put anything at that name.
@@ -352,8 +359,8 @@ class Vm:
         staging = self.paths.checkpoint_staging_dir(container_id)
         image = staging / Path(CHECKPOINT_IMAGE).relative_to(CHECKPOINT_DIR)
         try:
-            image.mkdir(parents=True)
-            _bind(image_dir, image, recursive=False)
+            staging.mkdir()
+            _bind_host_path(image_dir, image, recursive=False)
             os.rename(staging, self.paths.container_dir(container_id) / CHECKPOINT_DIR)
         except OSError as exc:
             unshare_checkpoint(self.paths, container_id)
@@ -431,7 +438,16 @@ def accel_cache(kernel: Kernel) -> Path:
     return BASE_DIR / f"accel-{digest}.json"
 
 
-def _bind(source: str, target: Path, *, recursive: bool = True) -> None:
-    """As the spec binds it: runc's plain bind leaves the mounts below the source out."""
-    option = "rbind" if recursive else "bind"
-    mount_rootfs([MountSpec("bind", source, "", (option,))], str(target))
+def _bind_host_path(source: str, target: Path, *, recursive: bool) -> None:
+    """Bind `source` as the host's mount namespace has it (the shim has its own, see
+    KataRuntime) onto `target`, made a directory or a file as the source is; as the spec binds
+    it: runc's plain bind leaves the mounts below the source out."""
+    tree = in_host_mounts(lambda: clone_tree(source, recursive=recursive))
+    try:
+        if stat.S_ISDIR(os.fstat(tree).st_mode):
+            target.mkdir()
+        else:
+            target.touch()
+        attach_tree(tree, str(target))
+    finally:
+        os.close(tree)

@@ -12,7 +12,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from shim.sys.reaper import Exit, Reaper
 
@@ -140,6 +140,10 @@ class Container(ABC):
 
 class Runtime(ABC):
     """A backend: makes containers. One instance per shim daemon."""
+
+    # The daemon serves from a mount namespace of its own (shim.sys.namespaces.
+    # enter_private_mounts): its mounts stay out of the host's.
+    private_mounts: ClassVar[bool] = False
 
     def __init__(self, context: ShimContext) -> None:
         self.context = context

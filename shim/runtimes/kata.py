@@ -72,6 +72,11 @@ VM_GONE_STATUS = 255
 
 
 class KataRuntime(Runtime):
+    # The shared directory's binds (and the rootfs the shim mounts) out of the host's mount
+    # namespace: the host can remove a volume's directory with a mount below it while the pod
+    # runs (rmdir of a mount point is EBUSY only in the namespace that has the mount).
+    private_mounts = True
+
     def __init__(self, context: ShimContext) -> None:
         super().__init__(context)
         self._vm: Vm | None = None
