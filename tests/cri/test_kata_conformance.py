@@ -1,10 +1,12 @@
 """pykata against containerd's runc shim (`runc`, the reference) where critest found them apart
-(issue 24): the mounts below a read-only volume stay writable, and a privileged container can
-use kernel features that live in modules (bridge, veth, tun, overlay), loaded on demand in the
-VM as on a host. One pod per check: each pykata pod boots a VM."""
+(issue 24): the mounts below a read-only volume stay writable, the host removes a volume's
+directory while the pod runs, and a privileged container can use kernel features that live in
+modules (bridge, veth, tun, overlay), loaded on demand in the VM as on a host. One pod per
+check: each pykata pod boots a VM."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -13,8 +15,10 @@ from typing import Any
 import pytest
 from cri_api.v1 import api_pb2 as api
 from cri_client import CALL_TIMEOUT, POD, CriClient, Pod
-from harness import PrivateContainerd
+from harness import PrivateContainerd, detach_mounts, mounts_under
 from vm_support import require_vm
+
+from shim.kata.state import VmPaths
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -96,6 +100,45 @@ def test_a_read_only_volume_is_read_only_only_at_its_own_mount(
         assert not (volume / "written").exists()
     finally:
         cri.remove_all()  # before the fixture unmounts the host's tmpfs
+
+
+def test_the_host_removes_a_volume_directory_while_the_pod_runs(
+    cri: CriClient,
+    containerd: PrivateContainerd,
+    handler: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """critest's non-recursive read-only case to its end: the directory and its tmpfs made once
+    the pod runs, then, the pod still running, the tmpfs detached and the directory removed.
+    rmdir of a mount point is EBUSY in the mount namespace that has the mount (elsewhere the
+    kernel detaches it): pykata's shim binds the volume and the tmpfs below it into the VM's
+    shared directory in a mount namespace of its own, never in the host's."""
+    pod = cri.run_pod(handler)
+    volume = tmp_path / "volume"
+    (volume / "tmpfs").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", volume / "tmpfs"], check=True)
+    try:
+        mounts = [api.Mount(container_path="/mnt", host_path=str(volume), readonly=True)]
+        container_id = create_with_mounts(cri, monkeypatch, pod, containerd.image, mounts)
+        assert writable(cri, container_id, "/mnt/tmpfs")
+        # The host's tmpfs, mounted after the shim started, whatever the host's propagation.
+        assert (volume / "tmpfs" / "written").exists()
+    finally:
+        detach_mounts([volume / "tmpfs"])  # as critest: umount2(MNT_DETACH)
+    shutil.rmtree(volume)
+    [shim] = containerd.shim_pids()
+    vm = VmPaths.for_group(containerd.namespace, pod.id)
+    if handler == "pykata":  # the shared directory's mounts are the shim's own
+        assert mounts_under(vm.container_dir(container_id), shim)
+        assert not mounts_under(vm.root)
+    assert cri.exec_sync(container_id, ["true"]).exit_code == 0  # the pod still runs
+    cri.stop_container(container_id, grace=0)
+    cri.remove_container(container_id)
+    # The container's rootfs and shares are gone from the shim's mount namespace, which lives
+    # on with the pod (the fixture checks the host's once the pods are gone).
+    assert not mounts_under(containerd.bundle(container_id), shim)
+    assert not mounts_under(vm.container_dir(container_id), shim)
 
 
 def test_a_privileged_container_gets_kernel_modules_on_demand(

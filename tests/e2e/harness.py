@@ -188,10 +188,15 @@ def shim_bin_dir(base: Path, pykata_bin: Path = PRODUCT_BIN) -> Path:
     return bin_dir
 
 
-def mounts_under(prefix: Path) -> list[Path]:
-    """Mount points below prefix, deepest last as listed in mountinfo."""
+def mounts_under(prefix: Path, pid: int | None = None) -> list[Path]:
+    """Mount points below prefix, deepest last as listed in mountinfo: ours, or those of the
+    mount namespace of process `pid` (pykata's shim has one of its own; none if it is gone)."""
     found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+    try:
+        mountinfo = Path(f"/proc/{pid or 'self'}/mountinfo").read_text()
+    except OSError:  # gone
+        return []
+    for line in mountinfo.splitlines():
         # Field 5 is the mount point, with spaces etc. octal-escaped.
         point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4]))
         if point.is_relative_to(prefix):

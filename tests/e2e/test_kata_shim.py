@@ -176,7 +176,9 @@ def test_delete_after_a_killed_shim_removes_qemu_sockets_and_mounts(
 ) -> None:
     qemu = containerd.task_pid(sleeper)
     paths = vm_of(containerd, sleeper)
-    assert mounts_under(paths.root)  # the rootfs is shared with the guest
+    # The rootfs is shared with the guest, in the shim's mount namespace (QEMU's), not the host's.
+    assert mounts_under(paths.root, qemu)
+    assert not mounts_under(paths.root)
     for shim in containerd.shim_pids():
         os.kill(shim, signal.SIGKILL)
     # containerd sees the shim go and runs `delete`.
