@@ -204,6 +204,22 @@ def mounts_under(prefix: Path, pid: int | None = None) -> list[Path]:
     return found
 
 
+def mounts_in_any_namespace(prefix: Path) -> list[str]:
+    """Mount points below prefix in every mount namespace on the machine (pykata's shims have
+    their own, which a leaked QEMU keeps), each with a pid of its namespace but ours."""
+    ours = os.readlink("/proc/self/ns/mnt")
+    members: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                members.setdefault(os.readlink(entry / "ns" / "mnt"), int(entry.name))
+    found = [str(point) for point in mounts_under(prefix)]
+    for namespace, pid in members.items():
+        if namespace != ours:
+            found += [f"{point} (mount namespace of {pid})" for point in mounts_under(prefix, pid)]
+    return found
+
+
 def detach_mounts(points: list[Path]) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     for point in reversed(points):
@@ -917,7 +933,7 @@ class PrivateContainerd:
         """What a finished test left behind: shim processes, mounts, FIFO dirs. Not a template:
         it stays for its idle time (close() checks that it goes with containerd)."""
         problems = [f"shim process {pid}: {process_args(pid)[0]}" for pid in self.shim_pids()]
-        problems += [f"mount {point}" for point in mounts_under(self.base)]
+        problems += [f"mount {point}" for point in mounts_in_any_namespace(self.base)]
         problems += [f"FIFO dir {entry}" for entry in sorted(self.fifo_dir.iterdir())]
         if self.pod_network is not None:
             problems += self.pod_network.leftovers()
