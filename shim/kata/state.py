@@ -4,6 +4,10 @@ One directory per VM under /run/pyshim/kata: QEMU's pid, the agent's and QEMU's 
 initrd of a cold boot, the logs and the shared directory (one subdirectory per container: its rootfs
 and its bind mounts, bound from the host). Each container's bundle names its VM's directory,
 so `delete` after a killed shim finds QEMU, the mounts and the sockets from the bundle alone.
+The daemon's mounts are in its own mount namespace (KataRuntime.private_mounts), which ends
+with QEMU and the daemon: `delete`, in the host's, kills QEMU and removes the files (rmdir of a
+directory the namespace still has a mount on detaches it there), and detaches only what a shim
+that served in the host's namespace (an older version) left.
 """
 
 from __future__ import annotations
