@@ -41,6 +41,11 @@ What differs lives here:
   (gVisor issue 10704; fixed upstream by checking dev_weight instead, commit 19f6b0c07): that
   is probed in the pod's netns (or a new one) before `runsc create`, and either the
   runsc.toml's ``network_fallback`` is used or Create fails saying why.
+* runsc opens a container's state lock (``<id>_sandbox:<sandbox>.lock``) with O_CREAT once it
+  has seen the state file, and its ``delete`` removes both: a command that saw the state just
+  before (a sub-container's start or delete loads every container of its sandbox) recreates
+  the lock after it. The shim serves one pod, so a container's Delete waits for the pod's
+  runsc commands under way when its state went, then removes a lock left without a state.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -66,6 +71,7 @@ from shim.runtimes.base import (
     Launched,
     ProcessStdio,
     Runtime,
+    ShimContext,
 )
 from shim.runtimes.cri import CONTAINER_TYPE, SANDBOX_ID, annotation
 from shim.runtimes.options import config_path, read_toml_config
@@ -82,6 +88,7 @@ log = logging.getLogger(__name__)
 CONFIG_TYPE_URL = "io.containerd.runsc.v1.options"  # what gVisor's docs tell CRI users to set
 DEFAULT_ROOT = "/run/containerd/runsc"
 SANDBOX_EXIT_GRACE = 5.0  # how long a failed `runsc wait` waits for the sandbox's exit
+COMMANDS_SETTLE_TIMEOUT = 5.0  # how long a Delete waits for the pod's runsc commands under way
 INTERNAL_ERROR_STATUS = 128  # a sub-container's status when runsc cannot tell it (as gVisor's shim)
 USAGE = b"Usage: runsc "  # what runsc prints for a command it does not have
 CANNOT = {"update": "change a running container's resources (its pod shares one sandbox)"}
@@ -349,6 +356,29 @@ class SubcontainerExit:
             self.future.set_result(Exit(self.pid, status, time.time_ns()))
 
 
+class RunscCommands:
+    """The runsc commands of a shim's containers under way, but for `runsc wait`: it reads
+    its container's state as it begins only, then lasts as long as the container."""
+
+    def __init__(self) -> None:
+        self._running: set[asyncio.Future[None]] = set()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._running.add(done)
+        try:
+            yield
+        finally:
+            self._running.discard(done)
+            done.set_result(None)
+
+    async def settle(self, timeout: float) -> None:
+        """Wait for the commands under way now (not for those begun later)."""
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=timeout)
+
+
 @dataclass(frozen=True)
 class _Exec:
     host_pid: int  # runsc's waiter: the pid containerd knows
@@ -363,6 +393,7 @@ class RunscContainer(oci.OciCliContainer):
         options = RunscOptions.for_container(config.options, config.id, spec)
         _make_output_dirs(options.flags)
         super().__init__(runtime, config, options)
+        self._commands = runtime.commands
         self._execs: dict[str, _Exec] = {}
         self._paused = False
         self._sandbox_id = sandbox_of(config.id, spec)
@@ -467,11 +498,26 @@ class RunscContainer(oci.OciCliContainer):
         )
         return None
 
+    async def _cli(
+        self, *args: str, input: bytes | None = None, fds: Mapping[int, int] | None = None
+    ) -> CommandResult:
+        if args[0] == "wait":
+            return await super()._cli(*args, input=input, fds=fds)
+        with self._commands.running():
+            return await super()._cli(*args, input=input, fds=fds)
+
     async def delete(self, force: bool = False) -> None:
         self._close_start_stdio()
         if self._exit is not None:
             self._exit.close()
         await super().delete(force)
+        # A command of the pod that saw the state before it went may yet recreate the lock.
+        await self._commands.settle(COMMANDS_SETTLE_TIMEOUT)
+        root = os.path.join(self.options.root, self._context.namespace)
+        files = os.path.join(root, f"{self._id}_sandbox:{self._sandbox_id or self._id}")
+        if not os.path.exists(f"{files}.state"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{files}.lock")
 
     def _close_start_stdio(self) -> None:
         if self._start_stdio is not None:
@@ -683,6 +729,10 @@ def _cgroup_version() -> int:
 
 
 class RunscRuntime(Runtime):
+    def __init__(self, context: ShimContext) -> None:
+        super().__init__(context)
+        self.commands = RunscCommands()  # the shim's: one pod's containers
+
     def container(self, config: ContainerConfig) -> Container:
         return RunscContainer(self, config)
 

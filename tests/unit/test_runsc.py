@@ -302,17 +302,21 @@ class FakeRunsc:
 def container(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    cli: FakeRunsc,
+    cli: FakeRunsc | None,
     container_id: str = "c1",
     spec: Mapping[str, object] | None = None,
+    runtime: runsc.RunscRuntime | None = None,
 ) -> runsc.RunscContainer:
-    bundle = tmp_path / "bundle"
+    """cli None: the container's own `_cli`, running oci.run_command."""
+    bundle = tmp_path / container_id
     bundle.mkdir()
     (bundle / "config.json").write_text(json.dumps(spec or {}))
-    runtime = SimpleNamespace(context=SimpleNamespace(namespace="ns", reaper=None))
+    context = SimpleNamespace(namespace="ns", reaper=None)
+    runtime = runtime or runsc.RunscRuntime(context)  # type: ignore[arg-type]
     config = ContainerConfig(container_id, str(bundle), runsc.NO_STDIO, None)
-    made = runsc.RunscContainer(runtime, config)  # type: ignore[arg-type]
-    monkeypatch.setattr(made, "_cli", cli)
+    made = runsc.RunscContainer(runtime, config)
+    if cli is not None:
+        monkeypatch.setattr(made, "_cli", cli)
     made._pid = SANDBOX_PID
     made._started = True  # as if created and started; tests of the steps before undo it
     return made
@@ -383,6 +387,72 @@ def test_pids_are_the_host_processes_carrying_the_sandbox_pids(
 
 NO_UPDATE = CommandResult(2, b"", b"Usage: runsc <flags> <subcommand> <subcommand args>\n")
 RESOURCES = {"memory": {"limit": 64 << 20}, "pids": {"limit": 100}}
+
+
+class RacingRunsc:
+    """runsc's `delete` as it treats state files (gVisor's runsc/container): a container's
+    delete removes its state and lock; a sub-container's then lists its sandbox's state files
+    and locks each to read it, with flock's open(O_CREAT). The listing container's delete
+    holds between the two until `go_on`, so that another delete removes what it listed."""
+
+    def __init__(self, root: Path, listing: str) -> None:
+        self.root = root
+        self.listing = listing
+        self.listed = asyncio.Event()
+        self.other_deleted = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def __call__(self, reaper: object, argv: list[str], **_: object) -> CommandResult:
+        command, container_id = argv[-2:]
+        assert command == "delete"
+        for extension in ("state", "lock"):
+            (self.root / f"{container_id}_sandbox:pod.{extension}").unlink()
+        if container_id != self.listing:
+            self.other_deleted.set()
+            return result(0)
+        states = list(self.root.glob("*_sandbox:pod.state"))
+        self.listed.set()
+        await self.go_on.wait()
+        for state in states:
+            state.with_suffix(".lock").touch()
+        return result(0)
+
+
+@pytest.mark.parametrize("other", ["pod", "app2"])
+def test_a_lock_runsc_recreates_after_a_containers_delete_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, other: str
+) -> None:
+    """containerd 1.6 deletes a dead pod's sandbox and containers at once: a sub-container's
+    `runsc delete` that listed another container's state before that one's delete removed it
+    recreates its lock file after, which that container's Delete then removes."""
+    root = tmp_path / "runsc"
+    (root / "ns").mkdir(parents=True)
+    specs = {"pod": SANDBOX_SPEC, "app": APP_SPEC, "app2": APP_SPEC}
+    for name in specs:
+        for extension in ("state", "lock"):
+            (root / "ns" / f"{name}_sandbox:pod.{extension}").touch()
+    fake = RacingRunsc(root / "ns", listing="app")
+    monkeypatch.setattr(runsc.oci, "run_command", fake)
+    runtime = runsc.RunscRuntime(SimpleNamespace(namespace="ns", reaper=None))  # type: ignore[arg-type]
+    made = {
+        name: container(tmp_path, monkeypatch, None, name, spec, runtime)
+        for name, spec in specs.items()
+    }
+    for each in made.values():
+        each.options = replace(each.options, root=str(root))
+
+    async def scenario() -> None:
+        listing_deleted = asyncio.create_task(made["app"].delete())
+        await fake.listed.wait()
+        other_deleted = asyncio.create_task(made[other].delete())
+        await fake.other_deleted.wait()
+        fake.go_on.set()
+        await asyncio.gather(listing_deleted, other_deleted)
+
+    asyncio.run(scenario())
+    (untouched,) = set(specs) - {"app", other}
+    left = {path.name for path in (root / "ns").iterdir()}
+    assert left == {f"{untouched}_sandbox:pod.state", f"{untouched}_sandbox:pod.lock"}
 
 
 class FakeCgroups:
