@@ -443,6 +443,8 @@ class RunscContainer(oci.OciCliContainer):
         process = spec.get("process") or {}
         binary = options.binary_name
         changed = await runsc_spec.adapt_capabilities(process, binary, self._id, "container")
+        # Before readonly_binds, which repeats the mounts below each path it binds.
+        changed = runsc_spec.submount_binds(spec) or changed
         changed = runsc_spec.readonly_binds(spec, self._bundle, self._id) or changed
         if changed:
             runsc_spec.write_spec(self._bundle, spec)

@@ -16,6 +16,10 @@ ignores, made into what it can, with a warning where the container gets less tha
   gVisor's own /proc or /sys or a tmpfs cannot be bound so: it is logged. gVisor's /proc
   has no /proc/bus, /proc/fs, /proc/irq or /proc/sysrq-trigger, and its /proc/sys is the
   sandbox kernel's (writable entries change only the sandbox's netstack and ptrace scope).
+* Mounts below a read-only volume. runsc serves a bind's source and every host mount below it
+  as one file system, so a non-recursive read-only bind ("rbind" + "ro") would make those
+  mounts read-only too (runc leaves them as they are: critest's non-recursive read-only
+  mount spec). Each one gets a bind of its own after its parent, with its own read-only state.
 * Seccomp. runsc applies the spec's seccomp only with --oci-seccomp (pyshim install writes it
   into runsc.toml); without it a spec asking for seccomp gets a warning. Even with it, runsc
   releases before release-20260330.0 confine the container's own processes, not those
@@ -35,8 +39,9 @@ import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from shim.runtimes.spec import is_bind
+from shim.runtimes.spec import is_bind, is_readonly_top_only, submount_bind
 from shim.sys.files import replace_file
+from shim.sys.mount import submounts_of
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +183,23 @@ def _resolve_plain(base: str, relative: str) -> tuple[str, str]:
         except OSError as exc:
             return path, str(exc)
     return path, ""
+
+
+def submount_binds(spec: dict[str, Any]) -> bool:
+    """After each non-recursive read-only bind, a bind of each host mount below its source;
+    whether the spec changed."""
+    mounts: list[dict[str, Any]] = []
+    changed = False
+    for mount in spec.get("mounts") or []:
+        mounts.append(mount)
+        source = str(mount.get("source") or "")
+        if is_readonly_top_only(mount) and os.path.isdir(source):
+            below = [submount_bind(mount, s) for s in submounts_of(os.path.realpath(source))]
+            mounts += below
+            changed = changed or bool(below)
+    if changed:
+        spec["mounts"] = mounts
+    return changed
 
 
 def readonly_binds(spec: dict[str, Any], bundle: str, container_id: str) -> bool:

@@ -179,9 +179,11 @@ class CriClient:
         capabilities: Sequence[str] = (),
         seccomp: cri.SecurityProfile | None = None,
         readonly_paths: Sequence[str] = (),
+        mounts: Sequence[cri.Mount] = (),
     ) -> str:
         """`capabilities` are added (CRI's add_capabilities, "ALL" for every one); `seccomp`
-        unset is containerd's default (unconfined); `readonly_paths` replace the runtime's."""
+        unset is containerd's default (unconfined); `readonly_paths` replace the runtime's;
+        `mounts` are the container's volumes."""
         name = name or f"c-{uuid.uuid4().hex[:8]}"
         added = cri.Capability(add_capabilities=list(capabilities)) if capabilities else None
         config = cri.ContainerConfig(
@@ -192,6 +194,7 @@ class CriClient:
             log_path=f"{name}.log",
             tty=tty,
             stdin=stdin,
+            mounts=list(mounts),
             linux=cri.LinuxContainerConfig(
                 resources=cri.LinuxContainerResources(memory_limit_in_bytes=memory_limit),
                 # As the kubelet: the pod's namespace modes (unset, pid would be POD, i.e.

@@ -1,9 +1,10 @@
 """What Kubernetes' conformance asks of a container's security settings, for gVisor pods
 (`pyrunsc`) against containerd's `runc` as the reference (issue 24): privileged containers and
 `capabilities: add: [ALL]` start with every capability, seccomp profiles (the runtime's default
-and a localhost one) are enforced, and `readonlyPaths` are read-only. Where gVisor differs by
-nature (an exec's seccomp on runsc releases before 2026-03-30, a hostNetwork pod's
-/proc/net/tcp), the tests show exactly how, with runc beside it."""
+and a localhost one) are enforced, `readonlyPaths` are read-only, and a read-only volume leaves
+the host mounts below it as they are. Where gVisor differs by nature (an exec's seccomp on runsc
+releases before 2026-03-30, a hostNetwork pod's /proc/net/tcp), the tests show exactly how, with
+runc beside it."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from cri_api.v1 import api_pb2 as api
 from cri_client import NODE, POD, CriClient, Pod
-from harness import PrivateContainerd, wait_until
+from harness import PrivateContainerd, detach_mounts, wait_until
 from podnet import unusable_reason
 from runsc_support import require_runsc
 
@@ -141,6 +142,28 @@ def test_readonly_paths_are_read_only(cri: CriClient, handler: str, image: str) 
     assert "Read-only file system" in output, output
     # Only the path: the rest of the rootfs stays writable.
     assert cri.exec_sync(container, ["touch", "/written"]).exit_code == 0
+
+
+def test_a_read_only_volume_is_read_only_only_at_its_own_mount(
+    cri: CriClient, handler: str, image: str, tmp_path: Path
+) -> None:
+    """critest's non-recursive read-only mount: runc remounts the volume's top mount only, so
+    a host tmpfs below it stays writable; runsc would serve it read-only with the volume."""
+    volume = tmp_path / "volume"
+    (volume / "tmpfs").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", volume / "tmpfs"], check=True)
+    try:
+        pod = cri.run_pod(handler)
+        mounts = [api.Mount(container_path="/vol", host_path=str(volume), readonly=True)]
+        container = cri.run_container(pod, image, SLEEP, mounts=mounts)
+        top = cri.exec_sync(container, ["touch", "/vol/written"])
+        assert b"Read-only file system" in top.stderr, top
+        below = cri.exec_sync(container, ["touch", "/vol/tmpfs/written"])
+        assert below.exit_code == 0, below
+        assert (volume / "tmpfs" / "written").exists()
+    finally:
+        cri.remove_all()  # before the host's tmpfs goes
+        detach_mounts([volume / "tmpfs"])
 
 
 def seccomp_mode(cri: CriClient, container_id: str, pid: str) -> int:
