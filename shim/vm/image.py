@@ -209,15 +209,20 @@ def _plan(
     }
     tools = {dest: shutil.which(name, path=SYSTEM_PATH) for dest, name in CRIU_TOOLS.items()}
     files.update({dest: Path(os.path.realpath(f)) for dest, f in tools.items() if f})
+    needs: dict[Path, list[Path]] = {}
     if "sbin/xtables-nft-multi" in files:
-        files.update(_xtables_extensions(files["sbin/xtables-nft-multi"]))
+        # ldd-ed first, and only here: its plug-ins are beside one of its libraries.
+        xtables = files["sbin/xtables-nft-multi"]
+        needs = ldd([xtables])
+        files.update(_xtables_extensions(needs[xtables]))
     closure = _closure(python, cache_dir)
     files.update(_module_files(closure))
     roots = [Path(p) for p in closure["path"] if p]
     elves = [files["bin/python3"], *runtime_files.values(), files["bin/busybox"]]
-    elves += [files[dest] for dest in CRIU_TOOLS if dest in files]
+    elves += [files[dest] for dest in CRIU_TOOLS if dest in files and files[dest] not in needs]
     elves += sorted(source for dest, source in files.items() if dest.endswith(".so"))
-    for dependency in sorted({d for deps in ldd(elves).values() for d in deps}):
+    needs.update(ldd(elves))
+    for dependency in sorted({d for deps in needs.values() for d in deps}):
         files.setdefault(library_destination(dependency, roots), Path(os.path.realpath(dependency)))
     applets = subprocess.run(
         [str(busybox), "--list"], check=True, capture_output=True, text=True
@@ -229,10 +234,9 @@ def _plan(
     return _Plan(files, symlinks, kernel)
 
 
-def _xtables_extensions(xtables: Path) -> dict[str, Path]:
+def _xtables_extensions(libraries: Iterable[Path]) -> dict[str, Path]:
     """iptables' match and target plug-ins (CRIU locks a network namespace with `-m mark`),
-    from the directory beside the libxtables that `xtables` links."""
-    libraries = ldd([xtables])[xtables]
+    from the directory beside the libxtables among xtables-nft-multi's `libraries`."""
     found = [lib for lib in libraries if lib.name.startswith("libxtables.")]
     if not found:
         return {}
