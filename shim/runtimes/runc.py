@@ -13,10 +13,10 @@ from typing import Any
 from shim.runtimes import criu, oci
 from shim.runtimes.base import CheckpointRequest, Container, ContainerConfig, Launched, Runtime
 from shim.runtimes.oci import last_runtime_error
-from shim.runtimes.spec import network_namespace
+from shim.runtimes.spec import namespace_path, network_namespace
 from shim.sys.loopback import bring_up_loopback
 from shim.sys.namespaces import run_in_netns
-from shim.sys.spawn import CommandResult
+from shim.sys.spawn import CommandResult, run_command
 from shim.ttrpc.errors import Code, TtrpcError
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class RuncContainer(oci.OciCliContainer):
         for namespace in options.empty_namespaces:
             args += ["--empty-ns", namespace]
         try:
-            result = await self._cli(*args, self._id)
+            result = await self._dump(*args, self._id)
             if result.status != 0:
                 # Kept beside an image the client chose, else in the bundle (as containerd's
                 # runc shim does): containerd removes an image dir of its own on failure.
@@ -157,6 +157,21 @@ class RuncContainer(oci.OciCliContainer):
         finally:
             if not options.work_path:
                 shutil.rmtree(work, ignore_errors=True)
+
+    async def _dump(self, *args: str) -> CommandResult:
+        """`runc checkpoint`, inside the UTS namespace the container joined by path, if any.
+
+        That one is its pod's (CRI's sandbox), and so is its hostname. CRIU leaves a namespace
+        it runs in out of the image; else it dumps it, and the restore into another pod (runc
+        has CRIU join that pod's UTS namespace) writes this pod's hostname over that pod's, as
+        seen in pykata's guest. runc itself keeps only a network namespace given by path out."""
+        uts = namespace_path(oci.read_spec(self._bundle), "uts")
+        if not uts:
+            return await self._cli(*args)
+        runc = self.options.global_args(self._context.namespace, self._bundle)
+        return await run_command(
+            self._context.reaper, ["nsenter", f"--uts={uts}", "--", *runc, *args]
+        )
 
     async def on_init_exit(self) -> None:
         if not self._has_own_pid_namespace():

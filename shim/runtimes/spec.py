@@ -13,8 +13,14 @@ if TYPE_CHECKING:
 def network_namespace(spec: Mapping[str, Any]) -> str | None:
     """The path of the spec's network namespace: "" for a new one, None for the host's (no
     network namespace in the spec)."""
+    return namespace_path(spec, "network")
+
+
+def namespace_path(spec: Mapping[str, Any], kind: str) -> str | None:
+    """The path of the spec's namespace of this kind ("network", "uts", ...): "" for a new
+    one, None for the host's (none of that kind in the spec)."""
     for namespace in (spec.get("linux") or {}).get("namespaces") or []:
-        if namespace.get("type") == "network":
+        if namespace.get("type") == kind:
             return str(namespace.get("path") or "")
     return None
 
