@@ -145,6 +145,8 @@ class RuncContainer(oci.OciCliContainer):
         args += [flag for enabled, flag in flag_options if enabled]
         for namespace in options.empty_namespaces:
             args += ["--empty-ns", namespace]
+        if options.cgroups_mode:
+            args += ["--manage-cgroups-mode", options.cgroups_mode]
         try:
             result = await self._dump(*args, self._id)
             if result.status != 0:

@@ -114,6 +114,11 @@ def test_a_pre_dump_then_a_dump_on_its_parent(tmp_path: Path) -> None:
         assert "--pre-dump" not in args and "--leave-running" not in args
 
 
+def test_the_cgroups_mode_reaches_runc(tmp_path: Path) -> None:
+    args = Runc(tmp_path).checkpoint(request(path="/tmp/ctd-checkpoint1", cgroups_mode="full"))
+    assert args[args.index("--manage-cgroups-mode") + 1] == "full"
+
+
 def test_the_client_s_image_path_wins_over_containerd_s_temporary_dir(tmp_path: Path) -> None:
     runc = Runc(tmp_path)
     args = runc.checkpoint(request(path="/tmp/ctd-checkpoint1", image_path=str(tmp_path / "i")))
