@@ -446,6 +446,7 @@ class RunscContainer(oci.OciCliContainer):
         # Before readonly_binds, which repeats the mounts below each path it binds.
         changed = runsc_spec.submount_binds(spec) or changed
         changed = runsc_spec.readonly_binds(spec, self._bundle, self._id) or changed
+        changed = runsc_spec.masked_paths(spec, self._bundle, self._id) or changed
         if changed:
             runsc_spec.write_spec(self._bundle, spec)
 

@@ -16,6 +16,11 @@ ignores, made into what it can, with a warning where the container gets less tha
   gVisor's own /proc or /sys or a tmpfs cannot be bound so: it is logged. gVisor's /proc
   has no /proc/bus, /proc/fs, /proc/irq or /proc/sysrq-trigger, and its /proc/sys is the
   sandbox kernel's (writable entries change only the sandbox's netstack and ptrace scope).
+* maskedPaths. This runsc ignores them too. Each one in the rootfs or in a bind mount is
+  hidden as runc hides it: a directory under a read-only empty tmpfs, a file under an empty
+  read-only file (runc's /dev/null is a device, which runsc's gofer would not serve): reading
+  it gives nothing, running it EACCES. Those in gVisor's own /proc or /sys are the sandbox
+  kernel's (containerd's defaults all are).
 * Mounts below a read-only volume. runsc serves a bind's source and every host mount below it
   as one file system, so a non-recursive read-only bind ("rbind" + "ro") would make those
   mounts read-only too (runc leaves them as they are: critest's non-recursive read-only
@@ -44,6 +49,8 @@ from shim.sys.files import replace_file
 from shim.sys.mount import submounts_of
 
 log = logging.getLogger(__name__)
+
+SANDBOX_KERNEL = "the sandbox kernel's"  # a path in gVisor's own /proc or /sys
 
 CAPABILITY_SETS = ("bounding", "effective", "inheritable", "permitted", "ambient")
 # Linux's capabilities up to 5.7 (0-37): in gVisor's table since its first release.
@@ -202,14 +209,34 @@ def submount_binds(spec: dict[str, Any]) -> bool:
     return changed
 
 
+def _rootfs(spec: Mapping[str, Any], bundle: str) -> str:
+    root = str((spec.get("root") or {}).get("path") or "rootfs")
+    return root if os.path.isabs(root) else os.path.join(bundle, root)
+
+
+def _host_source(path: str, mounts: Sequence[Mapping[str, Any]], rootfs: str) -> tuple[str, str]:
+    """Where the container's `path` is on the host, and "" or why it cannot be bound there:
+    SANDBOX_KERNEL (in gVisor's own /proc or /sys), "missing", or a reason naming the place."""
+    covering = _covering_mount(mounts, path)
+    if covering is None:
+        source, why = _resolve_plain(rootfs, path)
+    elif is_bind(covering[1]):
+        length, mount = covering
+        source, why = _resolve_plain(str(mount.get("source") or ""), path[length:])
+    elif covering[1].get("type") in ("proc", "sysfs"):
+        return "", SANDBOX_KERNEL
+    else:
+        return "", f"on a {covering[1].get('type')} mount"
+    return source, (f"{source} {why}" if why and why != "missing" else why)
+
+
 def readonly_binds(spec: dict[str, Any], bundle: str, container_id: str) -> bool:
     """Turns the spec's readonlyPaths into read-only bind mounts of themselves; whether the
     spec changed."""
     paths = (spec.get("linux") or {}).get("readonlyPaths") or []
     if not paths:
         return False
-    root = str((spec.get("root") or {}).get("path") or "rootfs")
-    rootfs = root if os.path.isabs(root) else os.path.join(bundle, root)
+    rootfs = _rootfs(spec, bundle)
     mounts: list[dict[str, Any]] = spec.setdefault("mounts", [])
     original = list(mounts)
     added: list[dict[str, Any]] = []
@@ -217,21 +244,11 @@ def readonly_binds(spec: dict[str, Any], bundle: str, container_id: str) -> bool
     unbound: list[str] = []
     for raw in paths:
         path = _absolute(str(raw))
-        covering = _covering_mount(original, path)
-        if covering is None:
-            source, why = _resolve_plain(rootfs, path)
-        elif is_bind(covering[1]):
-            length, mount = covering
-            source, why = _resolve_plain(str(mount.get("source") or ""), path[length:])
-        else:
-            (sandbox_kernel if covering[1].get("type") in ("proc", "sysfs") else unbound).append(
-                path
-            )
-            continue
+        source, why = _host_source(path, original, rootfs)
         if why == "missing":
             continue  # as runc: a path that is not there is not made read-only
         if why:
-            unbound.append(f"{path} ({source} {why})")
+            (sandbox_kernel if why == SANDBOX_KERNEL else unbound).append(f"{path} ({why})")
             continue
         added.append({"destination": path, "type": "bind", "source": source,
                       "options": ["rbind", "ro"]})  # fmt: skip
@@ -242,18 +259,62 @@ def readonly_binds(spec: dict[str, Any], bundle: str, container_id: str) -> bool
             for m in original
             if _absolute(str(m.get("destination") or "/")).startswith(below)
         ]
+    _log_unapplied(container_id, "readonlyPaths", sandbox_kernel, unbound, "they stay writable")
+    mounts += added
+    return bool(added)
+
+
+def masked_paths(spec: dict[str, Any], bundle: str, container_id: str) -> bool:
+    """Masks the spec's maskedPaths, which this runsc ignores, as runc does: a directory under
+    a read-only empty tmpfs, a file under an empty read-only file that cannot be run
+    (runc binds /dev/null, a device file runsc's gofer would not serve). Appended
+    last, so they hide whatever is mounted there. Whether the spec changed."""
+    paths = (spec.get("linux") or {}).get("maskedPaths") or []
+    if not paths:
+        return False
+    rootfs = _rootfs(spec, bundle)
+    mounts: list[dict[str, Any]] = spec.setdefault("mounts", [])
+    original = list(mounts)
+    sandbox_kernel: list[str] = []
+    unmasked: list[str] = []
+    for raw in paths:
+        path = _absolute(str(raw))
+        source, why = _host_source(path, original, rootfs)
+        if why == "missing":
+            continue  # as runc: nothing there to hide
+        if why:
+            (sandbox_kernel if why == SANDBOX_KERNEL else unmasked).append(f"{path} ({why})")
+        elif os.path.isdir(source):
+            mounts.append({"destination": path, "type": "tmpfs", "source": "tmpfs",
+                           "options": ["ro", "nosuid", "nodev", "noexec"]})  # fmt: skip
+        else:
+            mounts.append({"destination": path, "type": "bind", "source": _mask_file(bundle),
+                           "options": ["bind", "ro"]})  # fmt: skip
+    _log_unapplied(container_id, "maskedPaths", sandbox_kernel, unmasked, "they stay visible")
+    return len(mounts) > len(original)
+
+
+def _mask_file(bundle: str) -> str:
+    """The bundle's empty file (r--r--r--) that masked files are bound to."""
+    path = os.path.join(bundle, "masked-file")
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444))
+    return path
+
+
+def _log_unapplied(
+    container_id: str, field: str, sandbox_kernel: list[str], unbound: list[str], outcome: str
+) -> None:
     if sandbox_kernel:
         log.info(
-            "%s: readonlyPaths in gVisor's own /proc or /sys are the sandbox kernel's: %s",
-            container_id, ", ".join(sandbox_kernel),
+            "%s: %s in gVisor's own /proc or /sys are the sandbox kernel's: %s",
+            container_id, field, ", ".join(sandbox_kernel),
         )  # fmt: skip
     if unbound:
         log.warning(
-            "%s: runsc ignores readonlyPaths and these cannot be made read-only bind mounts: "
-            "%s: they stay writable", container_id, ", ".join(unbound),
+            "%s: runsc ignores %s and these cannot be done with mounts: %s: %s",
+            container_id, field, ", ".join(unbound), outcome,
         )  # fmt: skip
-    mounts += added
-    return bool(added)
 
 
 def write_spec(bundle: str, spec: Mapping[str, Any]) -> None:

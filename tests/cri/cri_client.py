@@ -179,11 +179,12 @@ class CriClient:
         capabilities: Sequence[str] = (),
         seccomp: cri.SecurityProfile | None = None,
         readonly_paths: Sequence[str] = (),
+        masked_paths: Sequence[str] = (),
         mounts: Sequence[cri.Mount] = (),
     ) -> str:
         """`capabilities` are added (CRI's add_capabilities, "ALL" for every one); `seccomp`
-        unset is containerd's default (unconfined); `readonly_paths` replace the runtime's;
-        `mounts` are the container's volumes."""
+        unset is containerd's default (unconfined); `readonly_paths` and `masked_paths` replace
+        the runtime's; `mounts` are the container's volumes."""
         name = name or f"c-{uuid.uuid4().hex[:8]}"
         added = cri.Capability(add_capabilities=list(capabilities)) if capabilities else None
         config = cri.ContainerConfig(
@@ -205,6 +206,7 @@ class CriClient:
                     capabilities=added,
                     seccomp=seccomp,
                     readonly_paths=list(readonly_paths),
+                    masked_paths=list(masked_paths),
                 ),
             ),
         )

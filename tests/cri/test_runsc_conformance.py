@@ -1,10 +1,10 @@
 """What Kubernetes' conformance asks of a container's security settings, for gVisor pods
 (`pyrunsc`) against containerd's `runc` as the reference (issue 24): privileged containers and
 `capabilities: add: [ALL]` start with every capability, seccomp profiles (the runtime's default
-and a localhost one) are enforced, `readonlyPaths` are read-only, and a read-only volume leaves
-the host mounts below it as they are. Where gVisor differs by nature (an exec's seccomp on runsc
-releases before 2026-03-30, a hostNetwork pod's /proc/net/tcp), the tests show exactly how, with
-runc beside it."""
+and a localhost one) are enforced, `readonlyPaths` are read-only, `maskedPaths` hidden, and a
+read-only volume leaves the host mounts below it as they are. Where gVisor differs by nature
+(an exec's seccomp on runsc releases before 2026-03-30, a hostNetwork pod's /proc/net/tcp), the
+tests show exactly how, with runc beside it."""
 
 from __future__ import annotations
 
@@ -142,6 +142,21 @@ def test_readonly_paths_are_read_only(cri: CriClient, handler: str, image: str) 
     assert "Read-only file system" in output, output
     # Only the path: the rest of the rootfs stays writable.
     assert cri.exec_sync(container, ["touch", "/written"]).exit_code == 0
+
+
+def test_masked_paths_are_hidden(cri: CriClient, handler: str, image: str) -> None:
+    pod = cri.run_pod(handler)
+    masked = ["/etc/group", "/root", "/proc/kcore", "/no/such/path"]
+    container = cri.run_container(pod, image, SLEEP, masked_paths=masked)
+
+    group = cri.exec_sync(container, ["cat", "/etc/group"])
+    assert (group.exit_code, group.stdout) == (0, b""), group  # empty, as /dev/null reads
+    root = cri.exec_sync(container, ["ls", "-A", "/root"])
+    assert (root.exit_code, root.stdout) == (0, b""), root
+    written = cri.exec_sync(container, ["touch", "/root/written"])
+    assert b"Read-only file system" in written.stderr, written
+    # What is not masked stays as it was.
+    assert cri.exec_sync(container, ["grep", "-q", "root", "/etc/passwd"]).exit_code == 0
 
 
 def test_a_read_only_volume_is_read_only_only_at_its_own_mount(

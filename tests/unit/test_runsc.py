@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 from collections.abc import Mapping
@@ -657,9 +658,49 @@ def test_readonly_paths_become_read_only_bind_mounts_of_themselves(
     assert "/missing" not in caplog.text
 
 
+def test_masked_paths_are_hidden_under_an_empty_file_or_tmpfs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "secret").write_text("secret")
+    (rootfs / "escape").symlink_to("/etc")
+    volume = tmp_path / "volume"
+    (volume / "data").mkdir(parents=True)
+    mounts: list[dict[str, AnyValue]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+        {"destination": "/vol", "type": "bind", "source": str(volume), "options": ["rbind"]},
+    ]
+    paths = ["/etc/secret", "/vol/data", "/proc/kcore", "/dev/shm", "/escape", "/missing"]
+    spec: dict[str, AnyValue] = {
+        "root": {"path": "rootfs"},
+        "mounts": [dict(m) for m in mounts],
+        "linux": {"maskedPaths": paths},
+    }
+
+    assert runsc_spec.masked_paths(spec, str(tmp_path), "c1")
+
+    empty = tmp_path / "masked-file"
+    assert spec["mounts"] == [
+        *mounts,
+        {"destination": "/etc/secret", "type": "bind", "source": str(empty),
+         "options": ["bind", "ro"]},
+        {"destination": "/vol/data", "type": "tmpfs", "source": "tmpfs",
+         "options": ["ro", "nosuid", "nodev", "noexec"]},
+    ]  # fmt: skip
+    assert empty.read_bytes() == b"" and empty.stat().st_mode & 0o777 == 0o444
+    assert "/proc/kcore" in caplog.text and "sandbox kernel" in caplog.text
+    assert "/escape" in caplog.text and "symlink" in caplog.text
+    assert "/dev/shm" in caplog.text and "stay visible" in caplog.text
+    assert "/missing" not in caplog.text
+
+
 def test_a_spec_without_readonly_paths_is_left_alone(tmp_path: Path) -> None:
     spec = rootfs_spec(tmp_path, [], [])
     assert not runsc_spec.readonly_binds(spec, str(tmp_path), "c1")
+    assert not runsc_spec.masked_paths(spec, str(tmp_path), "c1")
 
 
 @pytest.mark.parametrize(
