@@ -140,17 +140,23 @@ def test_pyrunsc_refuses_to_checkpoint_a_pod_container(
     require_runsc()
     if assert_unimplemented_before_2(containerd, cri):
         return
-    pod = cri.run_pod("pyrunsc")
-    container = cri.run_container(pod, containerd.image, COUNTER)
+    error = refused_checkpoint(cri, "pyrunsc", containerd.image, tmp_path / "checkpoint.tar")
+    assert "runsc checkpoints and restores whole sandboxes" in str(error.details())
+
+
+def refused_checkpoint(cri: CriClient, handler: str, image: str, archive: Path) -> grpc.RpcError:
+    """CheckpointContainer of a counter in a new pod of `handler`, refused: its error, once
+    no archive is written and the pod and its counter run on."""
+    pod = cri.run_pod(handler)
+    container = cri.run_container(pod, image, COUNTER)
     assert wait_until(lambda: count(cri, container) >= 5, timeout=60)
-    archive = tmp_path / "checkpoint.tar"
     with pytest.raises(grpc.RpcError) as error:
         cri.checkpoint(container, archive)
-    assert "runsc checkpoints and restores whole sandboxes" in str(error.value.details())
     assert not archive.exists()
     assert cri.pod_status(pod).status.state == 0  # SANDBOX_READY
     seen = count(cri, container)
     assert wait_until(lambda: count(cri, container) > seen, timeout=20)
+    return error.value
 
 
 @pytest.fixture
@@ -206,15 +212,6 @@ def test_pykata_on_crun_refuses_to_checkpoint(
     require_vm()
     if assert_unimplemented_before_2(containerd, cri):
         return
-    pod = cri.run_pod("pykata")
-    container = cri.run_container(pod, containerd.image, COUNTER)
-    assert wait_until(lambda: count(cri, container) >= 5, timeout=60)
-    archive = tmp_path / "checkpoint.tar"
-    with pytest.raises(grpc.RpcError) as error:
-        cri.checkpoint(container, archive)
-    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, error.value
-    assert 'guest_runtime = "runc"' in str(error.value.details())
-    assert not archive.exists()
-    assert cri.pod_status(pod).status.state == 0  # SANDBOX_READY
-    seen = count(cri, container)
-    assert wait_until(lambda: count(cri, container) > seen, timeout=20)
+    error = refused_checkpoint(cri, "pykata", containerd.image, tmp_path / "checkpoint.tar")
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+    assert 'guest_runtime = "runc"' in str(error.details())
