@@ -209,11 +209,6 @@ def submount_binds(spec: dict[str, Any]) -> bool:
     return changed
 
 
-def _rootfs(spec: Mapping[str, Any], bundle: str) -> str:
-    root = str((spec.get("root") or {}).get("path") or "rootfs")
-    return root if os.path.isabs(root) else os.path.join(bundle, root)
-
-
 def _host_source(path: str, mounts: Sequence[Mapping[str, Any]], rootfs: str) -> tuple[str, str]:
     """Where the container's `path` is on the host, and "" or why it cannot be bound there:
     SANDBOX_KERNEL (in gVisor's own /proc or /sys), "missing", or a reason naming the place."""
@@ -230,38 +225,57 @@ def _host_source(path: str, mounts: Sequence[Mapping[str, Any]], rootfs: str) ->
     return source, (f"{source} {why}" if why and why != "missing" else why)
 
 
+def _host_places(
+    spec: dict[str, Any], bundle: str, container_id: str, field: str, outcome: str
+) -> list[tuple[str, str]]:
+    """(path, where it is on the host) of each of the spec's `field` paths (readonlyPaths,
+    maskedPaths: runsc ignores both) that a mount can reach. A path that is not there is left
+    out, as runc leaves it; the others are logged, ending with `outcome`."""
+    root = str((spec.get("root") or {}).get("path") or "rootfs")
+    rootfs = os.path.join(bundle, root)  # an absolute root stays as it is
+    mounts = spec.get("mounts") or []
+    places: list[tuple[str, str]] = []
+    sandbox_kernel: list[str] = []
+    unreachable: list[str] = []
+    for raw in (spec.get("linux") or {}).get(field) or []:
+        path = _absolute(str(raw))
+        source, why = _host_source(path, mounts, rootfs)
+        if not why:
+            places.append((path, source))
+        elif why != "missing":
+            (sandbox_kernel if why == SANDBOX_KERNEL else unreachable).append(f"{path} ({why})")
+    if sandbox_kernel:
+        log.info(
+            "%s: %s in gVisor's own /proc or /sys are the sandbox kernel's: %s",
+            container_id, field, ", ".join(sandbox_kernel),
+        )  # fmt: skip
+    if unreachable:
+        log.warning(
+            "%s: runsc ignores %s and these cannot be done with mounts: %s: %s",
+            container_id, field, ", ".join(unreachable), outcome,
+        )  # fmt: skip
+    return places
+
+
 def readonly_binds(spec: dict[str, Any], bundle: str, container_id: str) -> bool:
     """Turns the spec's readonlyPaths into read-only bind mounts of themselves; whether the
     spec changed."""
-    paths = (spec.get("linux") or {}).get("readonlyPaths") or []
-    if not paths:
+    places = _host_places(spec, bundle, container_id, "readonlyPaths", "they stay writable")
+    if not places:
         return False
-    rootfs = _rootfs(spec, bundle)
     mounts: list[dict[str, Any]] = spec.setdefault("mounts", [])
     original = list(mounts)
-    added: list[dict[str, Any]] = []
-    sandbox_kernel: list[str] = []
-    unbound: list[str] = []
-    for raw in paths:
-        path = _absolute(str(raw))
-        source, why = _host_source(path, original, rootfs)
-        if why == "missing":
-            continue  # as runc: a path that is not there is not made read-only
-        if why:
-            (sandbox_kernel if why == SANDBOX_KERNEL else unbound).append(f"{path} ({why})")
-            continue
-        added.append({"destination": path, "type": "bind", "source": source,
-                      "options": ["rbind", "ro"]})  # fmt: skip
+    for path, source in places:
+        mounts.append({"destination": path, "type": "bind", "source": source,
+                       "options": ["rbind", "ro"]})  # fmt: skip
         # What was mounted below it stays, on top of the read-only bind.
         below = path.rstrip("/") + "/"
-        added += [
+        mounts += [
             copy.deepcopy(m)
             for m in original
             if _absolute(str(m.get("destination") or "/")).startswith(below)
         ]
-    _log_unapplied(container_id, "readonlyPaths", sandbox_kernel, unbound, "they stay writable")
-    mounts += added
-    return bool(added)
+    return True
 
 
 def masked_paths(spec: dict[str, Any], bundle: str, container_id: str) -> bool:
@@ -269,29 +283,18 @@ def masked_paths(spec: dict[str, Any], bundle: str, container_id: str) -> bool:
     a read-only empty tmpfs, a file under an empty read-only file that cannot be run
     (runc binds /dev/null, a device file runsc's gofer would not serve). Appended
     last, so they hide whatever is mounted there. Whether the spec changed."""
-    paths = (spec.get("linux") or {}).get("maskedPaths") or []
-    if not paths:
+    places = _host_places(spec, bundle, container_id, "maskedPaths", "they stay visible")
+    if not places:
         return False
-    rootfs = _rootfs(spec, bundle)
     mounts: list[dict[str, Any]] = spec.setdefault("mounts", [])
-    original = list(mounts)
-    sandbox_kernel: list[str] = []
-    unmasked: list[str] = []
-    for raw in paths:
-        path = _absolute(str(raw))
-        source, why = _host_source(path, original, rootfs)
-        if why == "missing":
-            continue  # as runc: nothing there to hide
-        if why:
-            (sandbox_kernel if why == SANDBOX_KERNEL else unmasked).append(f"{path} ({why})")
-        elif os.path.isdir(source):
+    for path, source in places:
+        if os.path.isdir(source):
             mounts.append({"destination": path, "type": "tmpfs", "source": "tmpfs",
                            "options": ["ro", "nosuid", "nodev", "noexec"]})  # fmt: skip
         else:
             mounts.append({"destination": path, "type": "bind", "source": _mask_file(bundle),
                            "options": ["bind", "ro"]})  # fmt: skip
-    _log_unapplied(container_id, "maskedPaths", sandbox_kernel, unmasked, "they stay visible")
-    return len(mounts) > len(original)
+    return True
 
 
 def _mask_file(bundle: str) -> str:
@@ -300,21 +303,6 @@ def _mask_file(bundle: str) -> str:
     if not os.path.exists(path):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444))
     return path
-
-
-def _log_unapplied(
-    container_id: str, field: str, sandbox_kernel: list[str], unbound: list[str], outcome: str
-) -> None:
-    if sandbox_kernel:
-        log.info(
-            "%s: %s in gVisor's own /proc or /sys are the sandbox kernel's: %s",
-            container_id, field, ", ".join(sandbox_kernel),
-        )  # fmt: skip
-    if unbound:
-        log.warning(
-            "%s: runsc ignores %s and these cannot be done with mounts: %s: %s",
-            container_id, field, ", ".join(unbound), outcome,
-        )  # fmt: skip
 
 
 def write_spec(bundle: str, spec: Mapping[str, Any]) -> None:
