@@ -86,8 +86,8 @@ async def serve(args: argparse.Namespace) -> None:
             raise SystemExit(f"an agent already serves {args.listen}")
         serving = loop.create_task(server.serve(sock))
     else:
-        # A VM template is saved once the agent answers: what the agent has imported (guest and
-        # network, above, though only some calls need them) is in its RAM.
+        # A VM template is saved once the agent opens its port: what the agent has imported
+        # (guest and network, above, though only some calls need them) is in its RAM.
         serving = loop.create_task(serve_device(server, args.device))
     log.info("agent serving on %s", args.listen or args.device)
     await stop.wait()

@@ -7,10 +7,13 @@ on. No host directory is shared at boot: the pod's shared directory is mounted b
 when the host calls SetupGuest.
 
 A template is the first VM of a machine (kernel, initrd, image, size, accelerator, QEMU),
-booted until the agent answers and then saved by QEMU's migration: its RAM stays in a file of
-its own (x-ignore-shared: the migration stream holds the devices only), which clones map
-privately, copy-on-write. A clone skips the kernel's boot and the agent's start; its command
-line has the template's devices in the template's order, so that the saved state fits.
+booted until the agent has opened its port and then saved by QEMU's migration: its RAM stays
+in a file of its own (x-ignore-shared: the migration stream holds the devices only), which
+clones map privately, copy-on-write. A clone skips the kernel's boot and the agent's start;
+its command line has the template's devices in the template's order, so that the saved state
+fits. No host connects to a template's agent: the guest does not always learn that a host left
+before the state is saved (seen: not in 14 s), and every clone's first call would then land
+in the template's ttrpc connection ("StreamID cannot be re-used").
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the device set or the guest's setup changes: a template of another layout would
 # not fit a clone's command line.
-LAYOUT = 1
+LAYOUT = 2  # 2: saved before any host connects to the agent
 AGENT_PORT = "agent.channel.0"
 SHARED_TAG = "pyshimShared"
 USR_DEVICE = "/dev/vda"  # the image: the only disk
@@ -83,6 +86,7 @@ AGENT_PATH = "/usr/lib/pyshim"  # the image's PYTHONPATH root
 # room over 16 for a busier guest.
 TCG_CACHE_MB = 24
 SAVE_POLL = 0.05
+PORT_POLL = 0.05
 QMP_TIMEOUT = 10.0
 # Every VM has a NIC (a template's clones all need one) with this MAC until SetupGuest gives it
 # the pod's, or takes it away from a VM without a pod network.
@@ -236,8 +240,32 @@ class Qemu:
                 raise TtrpcError(Code.DEADLINE_EXCEEDED, f"VM did not boot: {exc}") from exc
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await connecting
+        raise self._exited_while_booting()
+
+    async def port_opened(self, qmp: Qmp, name: str, timeout: float) -> None:
+        """Once the guest has opened the virtio-serial port `name` (the agent listens on it);
+        a TtrpcError if QEMU exits first or the port stays closed `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    chardevs = await qmp.execute("query-chardev")
+                    if any(c["label"] == name and c["frontend-open"] for c in chardevs):
+                        return
+                    await asyncio.sleep(PORT_POLL)
+        except TimeoutError:
+            late = f"the guest did not open port {name} within {timeout} s"
+            raise TtrpcError(Code.DEADLINE_EXCEEDED, f"VM did not boot: {late}") from None
+        except QmpError as exc:
+            with contextlib.suppress(TimeoutError):  # its control socket closed: it is exiting
+                async with asyncio.timeout(QMP_TIMEOUT):
+                    await asyncio.shield(self.exited)
+            if self.exited.done():
+                raise self._exited_while_booting() from exc
+            raise TtrpcError(Code.UNKNOWN, f"QEMU's control socket: {exc}") from exc
+
+    def _exited_while_booting(self) -> TtrpcError:
         problem = self.files.qemu_log.read_text(errors="replace").strip()[-500:]
-        raise TtrpcError(Code.UNKNOWN, f"QEMU exited while booting: {problem}")
+        return TtrpcError(Code.UNKNOWN, f"QEMU exited while booting: {problem}")
 
     async def qmp(self) -> Qmp:
         try:
@@ -288,10 +316,13 @@ async def make_template(
         qemu = Qemu.start(reaper, config, files)
         started(qemu.pid)
         try:
-            agent = await qemu.agent(boot_timeout)
-            await agent.close()
-            booted = time.monotonic()
-            await _save(qemu, work / "state")
+            qmp = await qemu.qmp()
+            try:
+                await qemu.port_opened(qmp, AGENT_PORT, boot_timeout)
+                booted = time.monotonic()
+                await _save(qmp, work / "state")
+            finally:
+                await qmp.close()
         finally:
             await qemu.kill()
             shutil.rmtree(run_directory, ignore_errors=True)
@@ -315,8 +346,7 @@ async def make_template(
     return store.get(key)
 
 
-async def _save(qemu: Qemu, state: Path) -> None:
-    qmp = await qemu.qmp()
+async def _save(qmp: Qmp, state: Path) -> None:
     try:
         await qmp.execute("migrate-set-capabilities", _IGNORE_SHARED)
         await qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})

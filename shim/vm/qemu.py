@@ -32,7 +32,7 @@ class Share:
 @dataclass(frozen=True)
 class SerialPort:
     """A virtio-serial port (the guest's /dev/vport*, named `name`) on a unix socket QEMU
-    listens on."""
+    listens on. `name` is its chardev's id too: a letter, then letters, digits, -, . or _."""
 
     name: str
     socket: Path
@@ -115,10 +115,12 @@ def command_line(config: VmConfig, binary: str = QEMU_BINARY) -> list[str]:
         argv += ["-drive", drive, "-device", f"virtio-blk-pci,drive=disk{index}"]
     if config.serial_ports:
         argv += ["-device", "virtio-serial-pci"]
-    for index, port in enumerate(config.serial_ports):
-        chardev = f"port{index}"
-        argv += ["-chardev", f"socket,id={chardev},path={port.socket},server=on,wait=off"]
-        argv += ["-device", f"virtserialport,chardev={chardev},name={port.name}"]
+    for port in config.serial_ports:
+        # The chardev is the port's name: query-chardev tells by it whether the guest has the
+        # port open ("frontend-open").
+        chardev = f"socket,id={port.name},path={port.socket},server=on,wait=off"
+        argv += ["-chardev", chardev]
+        argv += ["-device", f"virtserialport,chardev={port.name},name={port.name}"]
     if config.qmp_socket is not None:
         argv += ["-qmp", f"unix:{config.qmp_socket},server=on,wait=off"]
     if config.incoming:

@@ -7,13 +7,12 @@ its mount table (/proc/1/mountinfo) and its root (/proc/1/root).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 from cri_client import NODE, CriClient, Pod
 from harness import PrivateContainerd
-from vm_support import require_vm
+from vm_support import cold_boot_reasons, require_vm, vm_starts
 
 from shim.kata.guestspec import SHARED_IN_GUEST
 
@@ -76,8 +75,7 @@ def test_two_clones_of_one_template_differ_in_what_makes_a_machine(
         _, container = guest_pod(cri, containerd.image)
         identities.append(run(cri, container, IDENTITY).split("\n"))
     log = containerd.log_path.read_text()
-    restored = re.findall(r"VM (\w+): QEMU \d+ on \w+, VmSize\([^)]*\), (restored|booted)", log)
-    assert [how for _, how in restored[-2:]] == ["restored", "restored"], restored
+    assert vm_starts(log)[-2:] == ["restored", "restored"], cold_boot_reasons(log)
     first, second = identities
     names = ("machine id", "boot id", "random bytes", "MAC")
     for name, mine, theirs in zip(names, first, second, strict=False):

@@ -5,13 +5,12 @@ linked), the templates a directory of this test's own."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 from harness import REPO, VENV_BIN, PrivateContainerd
-from vm_support import require_vm
+from vm_support import cold_boot_reasons, require_vm, vm_starts
 
 from shim.vm.templates import TemplateStore
 
@@ -36,8 +35,11 @@ def run_echo(containerd: PrivateContainerd, config: Path, name: str) -> str:
 
 
 def how_booted(containerd: PrivateContainerd) -> list[str]:
-    log = containerd.log_path.read_text()
-    return re.findall(r"VM \w+: QEMU \d+ on \w+, VmSize\([^)]*\), (restored|booted)", log)
+    return vm_starts(containerd.log_path.read_text())
+
+
+def why_cold(containerd: PrivateContainerd) -> list[str]:
+    return cold_boot_reasons(containerd.log_path.read_text())
 
 
 def pyshim(*args: str) -> str:
@@ -59,9 +61,10 @@ def test_templates_are_made_restored_replaced_when_broken_and_removed(
     before = len(how_booted(containerd))
 
     assert run_echo(containerd, config, "first") == "first\n"
+    assert len(store.list()) == 1, why_cold(containerd)
     (template,) = store.list()
     assert run_echo(containerd, config, "second") == "second\n"
-    assert how_booted(containerd)[before:] == ["restored", "restored"]
+    assert how_booted(containerd)[before:] == ["restored", "restored"], why_cold(containerd)
 
     template.state.write_bytes(b"not QEMU's migration stream")
     assert run_echo(containerd, config, "third") == "third\n"

@@ -4,6 +4,7 @@ also readies pykata's product install and its VM assets (product.py)."""
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 
 import pytest
@@ -30,3 +31,14 @@ def require_vm() -> None:
     reason = vm_unusable_reason()
     if reason:
         pytest.skip(reason)
+
+
+def vm_starts(shim_log: str) -> list[str]:
+    """How each VM in a shim log started, in order: "restored" (from a template) or "booted"."""
+    return re.findall(r"VM \w+: QEMU \d+ on \w+, VmSize\([^)]*\), (restored|booted)", shim_log)
+
+
+def cold_boot_reasons(shim_log: str) -> list[str]:
+    """The shim's messages of templates that could not be made or restored (for an assertion's
+    message: why a VM booted cold)."""
+    return re.findall(r'msg="([^"]*booting cold)"', shim_log)

@@ -121,8 +121,8 @@ def test_command_line_for_tcg_with_shares_and_a_serial_port(tmp_path: Path) -> N
     ]
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
     assert "virtio-9p-pci,fsdev=fsdev1,mount_tag=out" in devices
-    assert "virtserialport,chardev=port0,name=agent.0" in devices
-    assert "socket,id=port0,path=/run/agent.sock,server=on,wait=off" in argv
+    assert "virtserialport,chardev=agent.0,name=agent.0" in devices
+    assert "socket,id=agent.0,path=/run/agent.sock,server=on,wait=off" in argv
 
 
 def test_command_line_of_a_template_and_of_its_clone() -> None:
