@@ -105,7 +105,7 @@ def checkpoint_options(request: CheckpointRequest) -> Any:
     any OCI runtime), or the defaults."""
     from shim.api.runc.options_pb2 import CheckpointOptions
 
-    return CheckpointOptions.FromString(_checkpoint_options_value(request))
+    return _decode_checkpoint_options(CheckpointOptions, request)
 
 
 def incremental_checkpoint(request: CheckpointRequest) -> Any:
@@ -113,7 +113,7 @@ def incremental_checkpoint(request: CheckpointRequest) -> Any:
     CheckpointOptions' encoding (its proto says why there), or the defaults."""
     from shim.api.checkpoint.v1.checkpoint_pb2 import IncrementalCheckpoint
 
-    return IncrementalCheckpoint.FromString(_checkpoint_options_value(request))
+    return _decode_checkpoint_options(IncrementalCheckpoint, request)
 
 
 def refuse_incremental_checkpoint(request: CheckpointRequest, reason: str) -> None:
@@ -123,10 +123,26 @@ def refuse_incremental_checkpoint(request: CheckpointRequest, reason: str) -> No
         raise NotImplementedError(f"incremental checkpoint (pre_dump, parent_path): {reason}")
 
 
-def _checkpoint_options_value(request: CheckpointRequest) -> bytes:
-    if request.options is not None and request.options.type_url == CHECKPOINT_OPTIONS_URL:
-        return bytes(request.options.value)
-    return b""
+def _decode_checkpoint_options(message_type: Any, request: CheckpointRequest) -> Any:
+    """Options of another type, or that do not decode, are refused (InvalidArgument), as
+    containerd's runc shim refuses them, rather than ignored for a checkpoint other than the
+    one asked for."""
+    from google.protobuf.message import DecodeError
+
+    options = request.options
+    if options is None or not options.type_url:
+        return message_type()
+    if options.type_url != CHECKPOINT_OPTIONS_URL:
+        raise TtrpcError(
+            Code.INVALID_ARGUMENT,
+            f"checkpoint options of type {options.type_url}: expected {CHECKPOINT_OPTIONS_URL}",
+        )
+    try:
+        return message_type.FromString(bytes(options.value))
+    except DecodeError as exc:
+        raise TtrpcError(
+            Code.INVALID_ARGUMENT, f"checkpoint options {CHECKPOINT_OPTIONS_URL}: {exc}"
+        ) from exc
 
 
 def read_spec(bundle: str) -> dict[str, Any]:

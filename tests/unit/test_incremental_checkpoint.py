@@ -46,11 +46,30 @@ def test_both_messages_read_from_one_checkpoint_options_any() -> None:
     assert IncrementalCheckpoint.FromString(again).parent_path == "../pre"
 
 
-def test_no_options_or_another_type_mean_a_full_dump() -> None:
+def test_no_options_mean_a_full_dump() -> None:
     assert not oci.incremental_checkpoint(CheckpointRequest("/ck", None)).pre_dump
-    other = request(type_url="other.Options", incremental=IncrementalCheckpoint(pre_dump=True))
-    assert not oci.incremental_checkpoint(other).pre_dump
+    assert oci.checkpoint_options(CheckpointRequest("/ck", Any())).image_path == ""
     oci.refuse_incremental_checkpoint(request(image_path="/ck"), "never")  # nothing to refuse
+
+
+@pytest.mark.parametrize(
+    ("sent", "message"),
+    [
+        (request(type_url="other.Options", exit=True), "of type other.Options: expected"),
+        (
+            CheckpointRequest("/ck", Any(type_url=oci.CHECKPOINT_OPTIONS_URL, value=b"\x0a")),
+            "Error parsing",
+        ),
+    ],
+)
+def test_options_of_another_type_or_that_do_not_decode_are_refused(
+    sent: CheckpointRequest, message: str
+) -> None:
+    """As containerd's runc shim refuses them, rather than a checkpoint other than asked for."""
+    for read in (oci.checkpoint_options, oci.incremental_checkpoint):
+        with pytest.raises(TtrpcError, match=message) as caught:
+            read(sent)
+        assert caught.value.code is Code.INVALID_ARGUMENT
 
 
 @pytest.mark.parametrize(
