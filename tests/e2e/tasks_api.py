@@ -2,9 +2,11 @@
 cannot ask for: checkpoint options for a runtime not named io.containerd.runc.*, and a task
 created from a checkpoint descriptor with the rootfs of an existing container.
 
-Only the few messages the tests send, encoded by hand (field numbers from containerd 1.6.20's
-api/services/tasks/v1/tasks.proto; 2.x keeps them): containerd's service protos are not among
-the APIs scripts/genproto builds, and a test needs no more than this.
+containerd's service protos are not among the APIs scripts/genproto builds, so the few
+messages the tests send and read are declared here, with only the fields used (numbers from
+containerd 1.6.20's api/services/tasks/v1/tasks.proto and api/types/descriptor.proto; 2.x keeps
+them); their Descriptor is in the service's package, not containerd.types. Fields not declared
+pass through unchanged.
 """
 
 from __future__ import annotations
@@ -13,65 +15,73 @@ import os
 import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.any_pb2 import Any as AnyProto
+from google.protobuf.message import Message
 from harness import PrivateContainerd
 
+from shim.api.types import mount_pb2
 from shim.api.types.mount_pb2 import Mount
 
 SERVICE = "/containerd.services.tasks.v1.Tasks/"
-CRIU_CHECKPOINT = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
 CALL_TIMEOUT = 600.0  # a dump of 64 MiB under TCG takes minutes on a loaded machine
 
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (strings and embedded messages)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _length_delimited(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """The length-delimited fields of a message, skipping varints (all a response here has)."""
-    position = 0
-    while position < len(data):
-        key, position = _read_varint(data, position)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            _, position = _read_varint(data, position)
-        elif wire_type == 2:
-            length, position = _read_varint(data, position)
-            yield number, data[position : position + length]
-            position += length
-        else:
-            raise ValueError(f"unexpected wire type {wire_type} in field {number}")
+_STRING = descriptor_pb2.FieldDescriptorProto.TYPE_STRING
+_INT64 = descriptor_pb2.FieldDescriptorProto.TYPE_INT64
+_MESSAGE = descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE
+_REPEATED = descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED
+_OPTIONAL = descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL
+# message: its fields as (name, number, type, label, message type)
+_MESSAGES: dict[str, list[tuple[str, int, int, int, str]]] = {
+    "Descriptor": [  # containerd.types.Descriptor
+        ("media_type", 1, _STRING, _OPTIONAL, ""),
+        ("digest", 2, _STRING, _OPTIONAL, ""),
+        ("size", 3, _INT64, _OPTIONAL, ""),
+    ],
+    "CheckpointTaskRequest": [
+        ("container_id", 1, _STRING, _OPTIONAL, ""),
+        ("options", 3, _MESSAGE, _OPTIONAL, ".google.protobuf.Any"),
+    ],
+    "CheckpointTaskResponse": [("descriptors", 1, _MESSAGE, _REPEATED, "Descriptor")],
+    "CreateTaskRequest": [
+        ("container_id", 1, _STRING, _OPTIONAL, ""),
+        ("rootfs", 3, _MESSAGE, _REPEATED, ".containerd.types.Mount"),
+        ("checkpoint", 8, _MESSAGE, _OPTIONAL, "Descriptor"),
+    ],
+    "StartRequest": [("container_id", 1, _STRING, _OPTIONAL, "")],
+}
 
 
-def _read_varint(data: bytes, position: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, position
+def _message_classes() -> dict[str, type[Message]]:
+    pool = descriptor_pool.Default()  # where Any and Mount are: the messages take theirs
+    package = "containerd.services.tasks.v1"
+    subset = descriptor_pb2.FileDescriptorProto(
+        name="pyshim-tests/tasks.proto",
+        package=package,
+        syntax="proto3",
+        dependency=[any_pb2.DESCRIPTOR.name, mount_pb2.DESCRIPTOR.name],
+    )
+    for name, fields in _MESSAGES.items():
+        message = subset.message_type.add(name=name)
+        for field_name, number, kind, label, type_name in fields:
+            field = message.field.add(name=field_name, number=number, type=kind, label=label)
+            if type_name:  # ours are named in this package
+                field.type_name = type_name if type_name[0] == "." else f".{package}.{type_name}"
+    pool.Add(subset)
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}"))
+        for name in _MESSAGES
+    }
 
 
-@dataclass(frozen=True)
-class Descriptor:
-    media_type: str
-    digest: str
-    encoded: bytes  # containerd.types.Descriptor as containerd sent it
+_CLASSES = _message_classes()
+
+
+def _new(name: str, **fields: Any) -> Any:
+    return _CLASSES[name](**fields)
 
 
 @contextmanager
@@ -94,33 +104,35 @@ class TasksClient:
             ("containerd-lease", lease),
         )
 
-    def _call(self, method: str, request: bytes) -> bytes:
+    def _call(self, method: str, request: Message, response: str | None = None) -> Any:
+        """The method's response, decoded as the message `response` (None: not read)."""
         with grpc.insecure_channel(f"unix://{self.containerd.address}") as channel:
-            call = channel.unary_unary(SERVICE + method)
-            answer: bytes = call(request, metadata=self.metadata, timeout=CALL_TIMEOUT)
-            return answer
+            call = channel.unary_unary(
+                SERVICE + method,
+                response_deserializer=_CLASSES[response].FromString if response else None,
+            )
+            encoded = request.SerializeToString()
+            return call(encoded, metadata=self.metadata, timeout=CALL_TIMEOUT)
 
-    def checkpoint(self, container_id: str, options: AnyProto) -> list[Descriptor]:
-        """CheckpointTaskRequest; the descriptors of what containerd put in its content store
-        (none when the options' image_path reached a runtime that containerd lets keep it)."""
-        request = _field(1, container_id.encode()) + _field(3, options.SerializeToString())
-        descriptors = []
-        for number, encoded in _length_delimited(self._call("Checkpoint", request)):
-            if number == 1:
-                fields = dict(_length_delimited(encoded))  # media_type 1, digest 2
-                descriptors.append(Descriptor(fields[1].decode(), fields[2].decode(), encoded))
-        return descriptors
+    def checkpoint(self, container_id: str, options: AnyProto) -> list[Any]:
+        """CheckpointTaskRequest; the descriptors (containerd.types.Descriptor) of what
+        containerd put in its content store (none when the options' image_path reached a
+        runtime that containerd lets keep it)."""
+        request = _new("CheckpointTaskRequest", container_id=container_id, options=options)
+        return list(self._call("Checkpoint", request, "CheckpointTaskResponse").descriptors)
 
-    def restore(self, container_id: str, checkpoint: Descriptor) -> None:
+    def restore(self, container_id: str, checkpoint: Any) -> None:
         """A task of the existing container created from `checkpoint` (containerd unpacks it
         into a temporary dir for the shim), with the container's snapshot as its rootfs and no
         stdio, then started."""
-        rootfs = self.rootfs(container_id).SerializeToString()
-        request = (
-            _field(1, container_id.encode()) + _field(3, rootfs) + _field(8, checkpoint.encoded)
+        request = _new(
+            "CreateTaskRequest",
+            container_id=container_id,
+            rootfs=[self.rootfs(container_id)],
+            checkpoint=checkpoint,
         )
         self._call("Create", request)
-        self._call("Start", _field(1, container_id.encode()))
+        self._call("Start", _new("StartRequest", container_id=container_id))
 
     def rootfs(self, container_id: str) -> Mount:
         """The mount of the container's snapshot (ctr names it after the container), from the
