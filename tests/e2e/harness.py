@@ -47,6 +47,9 @@ PYRUNC_RUNTIME = "io.containerd.pyrunc.v1"
 PYKATA_RUNTIME = "io.containerd.pykata.v1"
 PYKATA_SHIM = "containerd-shim-pykata-v1"
 GO_RUNTIME = "io.containerd.runc.v2"  # containerd's own Go shim, the reference
+# On containerd 2.x, a CRI handler of runtime_type GO_RUNTIME whose runtime_path is pyrunc's
+# shim: 2.x introspects a handler's features (recursive read-only mounts) for that type only.
+RUNC_TYPED_PYRUNC = "pyrunc-runc-typed"
 DEFAULT_VERSION = os.environ.get("PYSHIM_CONTAINERD", "1.6")  # the containerd to test against
 # Per test run: runc keeps its state by namespace and id under one root for every containerd,
 # so two runs on one machine must not share a namespace.
@@ -502,9 +505,10 @@ class PrivateContainerd:
     def _cri_config_toml(self) -> str:
         """CRI: the offline pause image, the session's CNI pod network (podnet.py), the
         streaming server on loopback, and containerd's own runc shim as the reference handler
-        `runc`. Registries: a hosts.toml per host in registry_hosts (read at each pull; none
-        by default). Root here lacks CAP_SYS_RESOURCE, so no oom_score_adj may go below
-        containerd's own (CRI gives pause -998 otherwise, and runc init dies)."""
+        `runc` (on 2.x also RUNC_TYPED_PYRUNC). Registries: a hosts.toml per host in
+        registry_hosts (read at each pull; none by default). Root here lacks CAP_SYS_RESOURCE,
+        so no oom_score_adj may go below containerd's own (CRI gives pause -998 otherwise, and
+        runc init dies)."""
         pause = image_ref(ensure_image(pause=True))
         registry = f'  config_path = "{self.registry_hosts}"\n'
         cni = f'  bin_dir = "{CNI_BIN_DIR}"\n  conf_dir = "{self.base / "cni-conf"}"\n'
@@ -532,6 +536,9 @@ class PrivateContainerd:
             f"{runtime}.cni]\n{cni}"
             f'{runtime}.containerd]\n  default_runtime_name = "runc"\n'
             f'{runtime}.containerd.runtimes.runc]\n  runtime_type = "{GO_RUNTIME}"\n'
+            f"{runtime}.containerd.runtimes.{RUNC_TYPED_PYRUNC}]\n"
+            f'  runtime_type = "{GO_RUNTIME}"\n'
+            f'  runtime_path = "{self.base / "bin" / "containerd-shim-pyrunc-v1"}"\n'
             f"[plugins.'io.containerd.grpc.v1.cri']\n{server}"
         )
 
