@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 from collections.abc import Iterator, Sequence
@@ -53,14 +52,11 @@ _UNMOUNT_BUSY_DELAY = 0.05
 # (Linux 5.2) have no C library wrapper before glibc 2.36; their numbers are the same on
 # every architecture (the new syscalls' common table).
 MS_SLAVE = 1 << 19
-_SYS_OPEN_TREE = 428
-_SYS_MOVE_MOUNT = 429
 _AT_FDCWD = -100
 _AT_RECURSIVE = 0x8000
 _OPEN_TREE_CLONE = 1
 _OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -130,31 +126,20 @@ def clone_tree(source: str, *, recursive: bool) -> int:
     with the mounts below it if `recursive`: an fd (close-on-exec) for attach_tree. The copy
     is of the mounts the calling thread's mount namespace has."""
     flags = _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | (_AT_RECURSIVE if recursive else 0)
-    fd = _libc.syscall(
-        ctypes.c_long(_SYS_OPEN_TREE),
-        ctypes.c_int(_AT_FDCWD),
-        ctypes.c_char_p(os.fsencode(source)),
-        ctypes.c_uint(flags),
-    )
+    fd = lib.pyshim_open_tree(_AT_FDCWD, os.fsencode(source), flags)
     if fd < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"open_tree {source}: {os.strerror(code)}")
-    return int(fd)
+        raise last_error(f"open_tree {source}")
+    return fd
 
 
 def attach_tree(tree: int, target: str) -> None:
     """Mount the copy clone_tree made (of a directory onto a directory, of a file onto a file)
     at `target`, as slaves: nothing mounted or unmounted below it reaches the source's peers."""
-    if _libc.syscall(
-        ctypes.c_long(_SYS_MOVE_MOUNT),
-        ctypes.c_int(tree),
-        ctypes.c_char_p(b""),
-        ctypes.c_int(_AT_FDCWD),
-        ctypes.c_char_p(os.fsencode(target)),
-        ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH),
-    ):
-        code = ctypes.get_errno()
-        raise OSError(code, f"move_mount onto {target}: {os.strerror(code)}")
+    moved = lib.pyshim_move_mount(
+        tree, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH
+    )
+    if moved:
+        raise last_error(f"move_mount onto {target}")
     make_slave(target)
 
 

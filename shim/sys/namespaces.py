@@ -1,15 +1,16 @@
 """Entering and creating Linux namespaces: setns(2) and unshare(2), which Python 3.11's os
-module lacks (3.12 has them), called through the C library. Both act on the calling thread."""
+module lacks (3.12 has them), called through the cffi helper. Both act on the calling thread."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from shim.sys._native import lib
 from shim.sys.mount import make_slave
+from shim.sys.native import last_error
 
 # <sched.h>: the kernel's ABI.
 CLONE_FS = 0x00000200
@@ -18,22 +19,19 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
 
-_libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
 
 
 def setns(fd: int, nstype: int) -> None:
     """Join the namespace open at `fd` (of type `nstype`, 0 for any)."""
-    if _libc.setns(fd, nstype) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+    if lib.setns(fd, nstype) != 0:
+        raise last_error("setns")
 
 
 def unshare(flags: int) -> None:
     """Leave for new namespaces of the kinds in `flags`."""
-    if _libc.unshare(flags) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+    if lib.unshare(flags) != 0:
+        raise last_error("unshare")
 
 
 def run_in_netns(netns: str, function: Callable[[], T]) -> T:
@@ -57,7 +55,7 @@ def _run_in_namespace(fd: int, nstype: int, name: str, function: Callable[[], T]
                     unshare(CLONE_FS)
                 setns(fd, nstype)
             except OSError as exc:
-                raise OSError(exc.errno, f"setns {name}: {exc.strerror}") from None
+                raise OSError(exc.errno, f"{name}: {exc.strerror}") from None
             outcome.append((True, function()))
         except BaseException as exc:  # handed to the caller
             outcome.append((False, exc))

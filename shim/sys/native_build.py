@@ -39,14 +39,23 @@ ffibuilder.cdef(
     int inotify_init1(int flags);
     int inotify_add_watch(int fd, const char *pathname, uint32_t mask);
     int inotify_rm_watch(int fd, int wd);
+
+    int setns(int fd, int nstype);
+    int unshare(int flags);
+    int pyshim_open_tree(int dirfd, const char *path, unsigned int flags);
+    int pyshim_move_mount(int from_dirfd, const char *from_path, int to_dirfd,
+                          const char *to_path, unsigned int flags);
     """
 )
 ffibuilder.set_source(
     "shim.sys._native",
     """
+    #include <sched.h>
     #include <sys/inotify.h>
     #include <sys/mount.h>
     #include <sys/prctl.h>
+    #include <sys/syscall.h>
+    #include <unistd.h>
 
     int pyshim_set_child_subreaper(void) { return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); }
 
@@ -59,6 +68,18 @@ ffibuilder.set_source(
         if (prctl(PR_GET_CHILD_SUBREAPER, (unsigned long)&value, 0, 0, 0) != 0)
             return -1;
         return value != 0;
+    }
+
+    /* The new mount API (Linux 5.2): by number, as C libraries before glibc 2.36 lack them. */
+    int pyshim_open_tree(int dirfd, const char *path, unsigned int flags)
+    {
+        return (int)syscall(SYS_open_tree, dirfd, path, flags);
+    }
+
+    int pyshim_move_mount(int from_dirfd, const char *from_path, int to_dirfd,
+                          const char *to_path, unsigned int flags)
+    {
+        return (int)syscall(SYS_move_mount, from_dirfd, from_path, to_dirfd, to_path, flags);
     }
     """,
 )
