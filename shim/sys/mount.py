@@ -48,9 +48,9 @@ _OVERLAY_COMPACT_AT = _PAGE_SIZE - 512
 _UNMOUNT_BUSY_RETRIES = 50
 _UNMOUNT_BUSY_DELAY = 0.05
 
-# <sys/mount.h>, <linux/mount.h>, <fcntl.h>: the kernel's ABI. open_tree(2) and move_mount(2)
-# (Linux 5.2) have no C library wrapper before glibc 2.36; their numbers are the same on
-# every architecture (the new syscalls' common table).
+# <sys/mount.h>, <linux/mount.h>, <fcntl.h>: the kernel's ABI. The cffi helper calls
+# open_tree(2) and move_mount(2) (Linux 5.2) by number: glibc wraps them only from 2.36, and
+# its headers before that lack these flags too.
 MS_SLAVE = 1 << 19
 _AT_FDCWD = -100
 _AT_RECURSIVE = 0x8000

@@ -61,8 +61,9 @@ def test_templates_are_made_restored_replaced_when_broken_and_removed(
     before = len(how_booted(containerd))
 
     assert run_echo(containerd, config, "first") == "first\n"
-    assert len(store.list()) == 1, why_cold(containerd)
-    (template,) = store.list()
+    made = store.list()
+    assert len(made) == 1, why_cold(containerd)
+    (template,) = made
     assert run_echo(containerd, config, "second") == "second\n"
     assert how_booted(containerd)[before:] == ["restored", "restored"], why_cold(containerd)
 
